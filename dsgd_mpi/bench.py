@@ -1,0 +1,135 @@
+"""Performance figures, each measured beside its baseline in the same run.
+
+    mpiexec -n 4 python -m mpi4py -m dsgd_mpi.bench gossip --topology ring --numel 270000 --json
+
+``gossip`` times one Gossiper round and, interleaved with it in the same
+processes, a bare mpi4py ``Sendrecv`` of the same bytes to the same peers (the
+MPI limit here), and reports the ratio. It also times the consensus-control
+overhead: one scalar ``Allreduce`` plus the loop's bookkeeping, as a fraction
+of a gossip round. Times are per round, the slowest rank's, median over blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from dsgd_mpi import comm as mpi
+from dsgd_mpi.flat import allocate
+from dsgd_mpi.gossip import DEFAULT_CHUNK, Gossiper
+from dsgd_mpi.topology import NAMES, Topology, TopologyError
+
+
+def _bare_round(comm, topology: Topology, t: int, x, recv) -> None:
+    """What MPI alone costs: the same bytes to the same peers, no arithmetic."""
+    if topology.is_allreduce:
+        mpi.allreduce_sum(comm, x, recv[0])
+        return
+    for k, e in enumerate(topology.exchanges(comm.Get_rank(), t)):
+        mpi.sendrecv(comm, x, e.send_to, recv[k], e.recv_from, tag=k)
+
+
+def _timed(comm, reducer: mpi.ScalarReducer, fn, rounds: int) -> float:
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fn()
+    return reducer.max((time.perf_counter() - start) / rounds)
+
+
+def bench_gossip(
+    comm, topology: Topology, numel: int, rounds: int, blocks: int, chunk: int
+) -> dict:
+    x = allocate(numel)
+    x.normal_(generator=torch.Generator().manual_seed(comm.Get_rank()))
+    gossiper = Gossiper(comm, topology, x, chunk=chunk)
+    bare_x = allocate(numel)
+    bare_recv = [allocate(numel) for _ in range(max(1, topology.degree))]
+    reducer = mpi.ScalarReducer(comm)
+    state = {"t": 0}
+
+    def bare() -> None:
+        _bare_round(comm, topology, state["t"], bare_x, bare_recv)
+        state["t"] += 1
+
+    def control() -> None:
+        # What consensus control adds to a round: the scalar reduction and the
+        # comparison with the target.
+        estimate = reducer.sum(1.0) / topology.n
+        _ = estimate <= 0.5
+
+    for fn in (gossiper.round, bare, control):  # warm up buffers and connections
+        fn()
+    g, b, c = [], [], []
+    for _ in range(blocks):  # interleave so that machine noise hits both alike
+        g.append(_timed(comm, reducer, gossiper.round, rounds))
+        b.append(_timed(comm, reducer, bare, rounds))
+        c.append(_timed(comm, reducer, control, rounds))
+    gossip_s, bare_s, control_s = (statistics.median(v) for v in (g, b, c))
+    return {
+        "bench": "gossip",
+        "topology": topology.name,
+        "n": topology.n,
+        "numel": numel,
+        "chunk": chunk,
+        "rounds": rounds,
+        "blocks": blocks,
+        "gossip_s": gossip_s,
+        "bare_sendrecv_s": bare_s,
+        "ratio": gossip_s / bare_s if bare_s > 0 else float("nan"),
+        "control_s": control_s,
+        "control_over_round": control_s / gossip_s if gossip_s > 0 else float("nan"),
+        "bytes_per_round": gossiper.bytes_last_round,
+        "mpi": mpi.library_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsgd_mpi.bench", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("gossip", help="Gossiper round vs bare Sendrecv of the same bytes")
+    g.add_argument("--topology", default="ring", help=f"one of {', '.join(NAMES)}")
+    g.add_argument("--numel", type=int, default=270_000, help="floats in the buffer")
+    g.add_argument("--rounds", type=int, default=0, help="rounds per block (0: auto from numel)")
+    g.add_argument("--blocks", type=int, default=7)
+    g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="floats per pipelined chunk")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    comm = mpi.WORLD
+    if args.numel <= 0:
+        return _fail(comm, f"--numel must be positive, got {args.numel}")
+    if args.chunk <= 0:
+        return _fail(comm, f"--chunk must be positive, got {args.chunk}")
+    try:
+        topology = Topology(args.topology, comm.Get_size(), seed=args.seed)
+    except TopologyError as exc:
+        return _fail(comm, str(exc))
+    torch.set_num_threads(1)
+    rounds = args.rounds or max(5, min(200, 50_000_000 // args.numel))
+    result = bench_gossip(comm, topology, args.numel, rounds, args.blocks, args.chunk)
+    if comm.Get_rank() == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for key, value in result.items():
+                print(f"{key:>20}: {value}")
+    return 0
+
+
+def _fail(comm, message: str) -> int:
+    if comm.Get_rank() == 0:
+        print(f"dsgd_mpi.bench: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
