@@ -132,7 +132,8 @@ class Gossiper:
             m = x.numel()
             for k, e in enumerate(exchanges):
                 mpi.sendrecv(self.comm, x, e.send_to, self._recv[k][:m], e.recv_from, tag=k)
-            total += self._accumulate(x, [r[:m] for r in self._recv], exchanges, weight_sum)
+            received = [r[:m] for r in self._recv[: len(exchanges)]]
+            total += self._accumulate(x, received, exchanges, weight_sum)
         return total
 
     def _mix_whole(self, t: int) -> float:
@@ -151,7 +152,8 @@ class Gossiper:
             return 0.0
         for k, e in enumerate(exchanges):
             mpi.sendrecv(self.comm, x, e.send_to, self._recv[k], e.recv_from, tag=k)
-        return self._accumulate(x, self._recv, exchanges, sum(e.weight for e in exchanges))
+        received = self._recv[: len(exchanges)]
+        return self._accumulate(x, received, exchanges, sum(e.weight for e in exchanges))
 
     def _accumulate(self, x, received, exchanges, weight_sum: float) -> float:
         """``d = sum_k w_k r_k - (sum_k w_k) x``; ``x += d``; return ``||d||^2``."""

@@ -1,0 +1,34 @@
+"""Gossip on real MPI ranks against the in-process numpy reference."""
+
+import pytest
+
+from tests.mpi_util import check_ranks, run_ranks
+
+SCRIPT = "tests/mpi/gossip_vs_numpy.py"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+def test_gossip_equals_numpy_reference(n):
+    # 1037 floats in chunks of 100: exercises the pipelined path and a ragged tail.
+    out = check_ranks(n, [SCRIPT, "6", "1037", "100"], timeout=240)
+    names = out.split()
+    assert "ring" in names and "random_matching" in names and "complete" in names
+
+
+@pytest.mark.mpi
+def test_gossip_equals_numpy_reference_16_ranks():
+    out = check_ranks(16, [SCRIPT, "5", "300", "64"], timeout=400)
+    assert "one_peer_exponential" in out.split()
+
+
+@pytest.mark.mpi
+def test_whole_buffer_in_one_chunk():
+    check_ranks(4, [SCRIPT, "3", "5000", "1000000"], timeout=240)
+
+
+@pytest.mark.mpi
+def test_failure_on_one_rank_fails_the_job_without_hanging():
+    done = run_ranks(4, ["tests/mpi/one_rank_raises.py"], timeout=120)
+    assert done.returncode != 0
+    assert "deliberate failure on rank 1" in done.stderr
