@@ -1,0 +1,65 @@
+"""The demo, the benchmark and their bad-input paths, launched on real ranks."""
+
+import json
+
+import pytest
+
+from tests.mpi_util import check_ranks, run_ranks
+
+
+@pytest.mark.mpi
+def test_demo_converges_and_respects_the_bound():
+    out = check_ranks(4, ["-m", "dsgd_mpi.demo", "--rounds", "8"], timeout=180)
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    rounds = [r for r in rows if len(r) == 4]  # round, estimate, exact, bound
+    assert len(rounds) == 8
+    estimates = [float(r[1]) for r in rounds]
+    exact = [float(r[2]) for r in rounds]
+    bounds = [float(r[3]) for r in rounds]
+    assert all(b < a for a, b in zip(estimates, estimates[1:], strict=False))
+    assert estimates[-1] < 1e-5 * estimates[0]
+    assert all(x <= b for x, b in zip(exact, bounds, strict=True))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("topology", ["ring", "complete", "random_matching"])
+def test_bench_reports_both_timings_and_their_ratio(topology):
+    out = check_ranks(
+        4,
+        [
+            "-m",
+            "dsgd_mpi.bench",
+            "gossip",
+            "--topology",
+            topology,
+            "--numel",
+            "20000",
+            "--rounds",
+            "3",
+            "--blocks",
+            "2",
+            "--json",
+        ],
+        timeout=180,
+    )
+    result = json.loads(out)
+    assert result["topology"] == topology and result["n"] == 4
+    assert result["gossip_s"] > 0 and result["bare_sendrecv_s"] > 0
+    assert result["ratio"] == pytest.approx(result["gossip_s"] / result["bare_sendrecv_s"])
+    assert 0 < result["control_over_round"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--numel", "0"], "--numel must be positive"),
+        (["--topology", "star"], "complete"),  # the message lists the valid names
+        (["--topology", "bipartite_exponential"], "even n"),  # 3 ranks
+    ],
+)
+def test_bench_bad_input_exits_2_with_a_message(args, message):
+    done = run_ranks(3, ["-m", "dsgd_mpi.bench", "gossip", *args], timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
