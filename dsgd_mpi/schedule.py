@@ -1,0 +1,179 @@
+"""Pure schedules: batch sizes, step -> learning rate, epoch -> consensus phase.
+
+Time is measured in fractional epochs at step granularity, at the *end* of a
+step: step ``s`` (0-based) with ``spe`` steps per epoch is at
+``epoch = (s + 1) / spe`` (see :func:`step_epoch`). So the first step is never
+at epoch 0 (warmup starts above zero), and the last step of an epoch sits
+exactly on the epoch boundary. Boundaries (milestones, phase ends) belong to
+the interval that ends there: a milestone counts as passed once the epoch
+*exceeds* it, so the first step of the next epoch is the first at the decayed
+rate and the first in the next phase.
+
+No MPI, no torch: everything here is a function of the config and the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dsgd_mpi.config import Config
+
+# Epochs are ratios of step counts; allow for rounding in milestone * epochs.
+_EPS = 1e-9
+
+
+def _past(epoch: float, boundary: float) -> bool:
+    """``epoch > boundary``, ignoring float noise in the boundary."""
+    return epoch > boundary + _EPS * max(1.0, abs(boundary))
+
+
+def _check_world(world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+
+
+def total_batch(cfg: Config, world_size: int) -> int:
+    """Samples per step over all ranks: ``data.batch_size * world_size``."""
+    _check_world(world_size)
+    return cfg.data.batch_size * world_size
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """The lr after warmup and before any decay.
+
+    ``optim.lr * total_batch / optim.base_batch`` with ``optim.scale_lr``
+    (linear scaling rule), else ``optim.lr``.
+    """
+    if cfg.optim.scale_lr:
+        return cfg.optim.lr * total_batch(cfg, world_size) / cfg.optim.base_batch
+    _check_world(world_size)
+    return cfg.optim.lr
+
+
+def steps_per_epoch(dataset_size: int, cfg: Config, world_size: int) -> int:
+    """Full batches in one rank's shard: ``floor(dataset_size / world_size / batch_size)``, >= 1."""
+    _check_world(world_size)
+    if dataset_size < 1:
+        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+    return max(1, dataset_size // world_size // cfg.data.batch_size)
+
+
+def total_steps(dataset_size: int, cfg: Config, world_size: int) -> int:
+    """Steps of the whole run: ``ceil(run.epochs * steps_per_epoch)``, >= 1."""
+    spe = steps_per_epoch(dataset_size, cfg, world_size)
+    return max(1, math.ceil(cfg.run.epochs * spe - _EPS))
+
+
+def step_epoch(step: int, steps_per_epoch: int) -> float:
+    """Fractional epoch at the end of 0-based ``step``: ``(step + 1) / steps_per_epoch``."""
+    if step < 0 or steps_per_epoch < 1:
+        raise ValueError(f"need step >= 0 and steps_per_epoch >= 1, got {step}, {steps_per_epoch}")
+    return (step + 1) / steps_per_epoch
+
+
+def milestone_epochs(cfg: Config) -> tuple[float, ...]:
+    """Epochs at which the lr decays: ``optim.milestones * run.epochs``."""
+    return tuple(m * cfg.run.epochs for m in cfg.optim.milestones)
+
+
+def lr_at(cfg: Config, world_size: int, epoch: float) -> float:
+    """Learning rate of the step that ends at ``epoch`` (pass ``step_epoch(step, spe)``).
+
+    ``peak_lr * min(1, epoch / warmup_epochs)`` (linear warmup from 0; the
+    last warmup step reaches the peak), times ``optim.decay`` for every
+    milestone that ``epoch`` has passed.
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    lr = peak_lr(cfg, world_size)
+    warmup = cfg.optim.warmup_epochs
+    if warmup > 0:
+        lr *= min(1.0, epoch / warmup)
+    passed = sum(1 for b in milestone_epochs(cfg) if _past(epoch, b))
+    return lr * cfg.optim.decay**passed
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    """One consensus phase resolved to epochs: ``(start_epoch, end_epoch]``."""
+
+    index: int
+    """0-based position in ``consensus.phases``."""
+    start_epoch: float
+    """Epoch at which the phase starts (0 for the first)."""
+    end_epoch: float
+    """Epoch at which the phase ends (``run.epochs`` for the last)."""
+    target: str
+    """none, constant, adaptive or exact."""
+    factor: float
+    """Multiplier of the target."""
+    reference: float | None
+    """Reference distance for target=constant, if given as a number."""
+    reference_run: str | None
+    """HDF5 file of an uncontrolled run for target=constant, if given."""
+    max_rounds: int
+    """Most gossip rounds per step."""
+    ema: float
+    """EMA coefficient for target=adaptive."""
+
+    def contains(self, epoch: float) -> bool:
+        """Whether the step ending at ``epoch`` belongs to this phase."""
+        return _past(epoch, self.start_epoch) and not _past(epoch, self.end_epoch)
+
+
+def phases(cfg: Config) -> tuple[PhaseSpan, ...]:
+    """``consensus.phases`` as consecutive spans covering ``[0, run.epochs]``.
+
+    Each phase starts where the previous one ends; the last ends at
+    ``run.epochs`` (its ``until_epoch`` is null or, as the config guarantees,
+    not before the end of the run).
+    """
+    spans = []
+    start = 0.0
+    last = len(cfg.consensus.phases) - 1
+    for k, p in enumerate(cfg.consensus.phases):
+        end = cfg.run.epochs if k == last or p.until_epoch is None else p.until_epoch
+        spans.append(
+            PhaseSpan(
+                index=k,
+                start_epoch=start,
+                end_epoch=float(end),
+                target=p.target,
+                factor=p.factor,
+                reference=p.reference,
+                reference_run=p.reference_run,
+                max_rounds=p.max_rounds,
+                ema=p.ema,
+            )
+        )
+        start = float(end)
+    return tuple(spans)
+
+
+def milestone_phases(cfg: Config) -> tuple[float, ...]:
+    """The design's default phase boundaries: the epochs of the lr decays.
+
+    Phase 1 runs (with the warmup) up to the first decay, phase 2 to the next,
+    and the last phase to the end of the run. Use these as ``until_epoch`` of
+    all phases but the last to control consensus per lr level.
+    """
+    return milestone_epochs(cfg)
+
+
+def phase_at(spans: Sequence[PhaseSpan], epoch: float) -> PhaseSpan:
+    """The span holding the step that ends at ``epoch``.
+
+    A step ending exactly on a boundary belongs to the phase that ends there;
+    ``epoch`` 0 maps to the first span, and anything past the end (a last,
+    partial step) to the last.
+    """
+    if not spans:
+        raise ValueError("no phases")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    for span in spans:
+        if not _past(epoch, span.end_epoch):
+            return span
+    return spans[-1]
