@@ -1,0 +1,559 @@
+"""Datasets in memory, per-rank sharding and batched (vectorised) augmentation.
+
+A dataset is a :class:`Split`: uint8 images ``(N, C, H, W)`` and int64 labels
+``(N,)``, loaded once. Batches are built by indexing; cropping, flipping and
+normalisation are tensor ops on the whole batch (no per-sample PIL), on the
+batch's device.
+
+Randomness is a pure function of seeds, so every rank can compute every other
+rank's shard without communication and a resumed run sees identical batches:
+
+- iid permutation of the train set:   (seed, epoch)             - same on all ranks
+- dirichlet partition:                (seed)                    - same on all ranks
+- dirichlet within-shard shuffle:     (seed, rank, epoch)
+- augmentation of batch b:            (seed, rank, epoch, b)
+
+This module knows nothing of MPI: ``rank`` and ``world_size`` are plain ints.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DatasetInfo",
+    "Split",
+    "ShardedLoader",
+    "augment_batch",
+    "dirichlet_partition",
+    "eval_batches",
+    "load",
+    "normalize",
+    "read_idx",
+]
+
+FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+PAD = 4  # random-crop zero padding, in pixels
+
+
+class DataError(ValueError):
+    """A dataset is missing, corrupt, or cannot be sharded as asked."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise DataError(f"labels must be int64 (N,), got {self.labels.dtype}")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+INFOS: dict[str, DatasetInfo] = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, 28, (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo(
+        "cifar10", 10, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, 3, 32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    ),
+    "imagenet32": DatasetInfo(
+        "imagenet32", 1000, 3, 32, 32, (0.4811, 0.4575, 0.4078), (0.2605, 0.2533, 0.2683)
+    ),
+    "synthetic": DatasetInfo("synthetic", 10, 1, 28, 28, (0.3440,), (0.2628,)),
+}
+DATASETS: tuple[str, ...] = tuple(INFOS)
+AUGMENTED = frozenset({"cifar10", "cifar100", "imagenet32"})
+
+# Tags that keep the different random streams apart.
+_PERM, _DIRICHLET, _SHUFFLE, _AUGMENT, _SYNTH = 1, 2, 3, 4, 5
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (SeedSequence: well spread, platform independent)."""
+    words = [int(p) % (1 << 64) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_seed(*parts))
+    return g
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(
+    name: str,
+    root: str,
+    *,
+    train: bool,
+    download: bool = False,
+    synthetic_size: int = 2048,
+    seed: int = 0,
+) -> tuple[Split, DatasetInfo]:
+    """Load the train or test split of dataset ``name`` from ``root`` into memory."""
+    key = name.lower().replace("-", "_")
+    if key not in INFOS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    info = INFOS[key]
+    root = os.path.expanduser(str(root)) if root is not None else ""
+    if key == "fashion_mnist":
+        split = _load_fashion_mnist(root, train, download)
+    elif key in ("cifar10", "cifar100"):
+        split = _load_cifar(key, root, train, download)
+    elif key == "imagenet32":
+        split = _load_imagenet32(root, train, download)
+    else:
+        split = _synthetic(synthetic_size, train, seed)
+    c, h, w = split.images.shape[1:]
+    if (c, h, w) != (info.in_channels, info.height, info.width):
+        raise DataError(
+            f"{key}: images are {c}x{h}x{w}, expected {info.in_channels}x{info.height}x{info.width}"
+        )
+    if len(split) and (int(split.labels.min()) < 0 or int(split.labels.max()) >= info.num_classes):
+        raise DataError(
+            f"{key}: labels outside 0..{info.num_classes - 1} "
+            f"(min {int(split.labels.min())}, max {int(split.labels.max())})"
+        )
+    return split, info
+
+
+# Fashion-MNIST (IDX) ---------------------------------------------------------------
+
+_IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_APT_HINT = (
+    "install it with `apt-get install dataset-fashion-mnist` "
+    f"(files in {FASHION_MNIST_DEBIAN_ROOT}) or load with download=True"
+)
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzip-compressed if the name ends in .gz).
+
+    Checks the magic number (0x0000 08 ``ndim``) and that the payload matches
+    the header; raises :class:`DataError` naming the file otherwise.
+    """
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"missing file {path}") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"corrupt file {path}: {e}") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"corrupt file {path}: {len(raw)} bytes, shorter than the IDX header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != 0x0800 + ndim:
+        raise DataError(
+            f"corrupt file {path}: magic number {magic:#010x}, expected {0x0800 + ndim:#010x} "
+            f"(unsigned-byte IDX with {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise DataError(f"corrupt file {path}: {len(raw)} bytes, header {dims} implies {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _find_idx(root: str, base: str) -> str | None:
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        for fname in (base + ".gz", base):
+            path = os.path.join(folder, fname)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _load_fashion_mnist(root: str, train: bool, download: bool) -> Split:
+    bases = _IDX_FILES[train]
+    paths = [_find_idx(root, b) for b in bases]
+    if None in paths and download:
+        try:
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(root, train=train, download=True)
+        except Exception as e:  # network, disk: report as a data problem
+            raise DataError(f"fashion_mnist: download into {root} failed: {e}") from e
+        paths = [_find_idx(root, b) for b in bases]
+    for base, path in zip(bases, paths, strict=True):
+        if path is None:
+            raise DataError(
+                f"fashion_mnist: missing file {os.path.join(root, base + '.gz')}; {_APT_HINT}"
+            )
+    try:
+        images = read_idx(paths[0], 3)
+        labels = read_idx(paths[1], 1)
+    except DataError as e:
+        raise DataError(f"fashion_mnist: {e}; {_APT_HINT}") from None
+    if len(images) != len(labels):
+        raise DataError(
+            f"fashion_mnist: {paths[0]} has {len(images)} images but {paths[1]} "
+            f"has {len(labels)} labels"
+        )
+    return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
+
+
+# CIFAR (torchvision's pickled batches) ------------------------------------------
+
+_CIFAR = {
+    # name: (folder, train files, test files, label key, torchvision class name)
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "labels",
+        "CIFAR10",
+    ),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels", "CIFAR100"),
+}
+
+
+def _read_cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"missing file {path}") from None
+    except Exception as e:  # unpickling garbage raises many different types
+        raise DataError(f"corrupt file {path}: {e}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"corrupt file {path}: expected a pickled dict")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or label_key not in entry:
+        raise DataError(f"corrupt file {path}: needs keys 'data' and {label_key!r}")
+    data = np.asarray(entry["data"])
+    labels = np.asarray(entry[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"corrupt file {path}: data is {data.dtype} {data.shape}, want N x 3072")
+    if labels.shape != (len(data),):
+        raise DataError(f"corrupt file {path}: {len(data)} images but {labels.shape} labels")
+    return data, labels
+
+
+def _load_cifar(name: str, root: str, train: bool, download: bool) -> Split:
+    folder, train_files, test_files, label_key, tv_class = _CIFAR[name]
+    files = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
+    if download and not all(os.path.isfile(p) for p in files):
+        try:
+            import torchvision
+
+            getattr(torchvision.datasets, tv_class)(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(f"{name}: download into {root} failed: {e}") from e
+    for p in files:
+        if not os.path.isfile(p):
+            raise DataError(f"{name}: missing file {p} (load with download=True to fetch it)")
+    parts = [_read_cifar_batch(p, label_key) for p in files]
+    data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([lab for _, lab in parts])
+    return Split(torch.from_numpy(data), torch.from_numpy(labels))
+
+
+# Downsampled ImageNet 32x32 (npz batches) --------------------------------------------
+
+
+def _load_imagenet32(root: str, train: bool, download: bool) -> Split:
+    names = [f"train_data_batch_{i}.npz" for i in range(1, 11)] if train else ["val_data.npz"]
+    files = [os.path.join(root, n) for n in names]
+    for p in files:
+        if not os.path.isfile(p):
+            extra = " (no automatic download: it needs an image-net.org login)" if download else ""
+            raise DataError(
+                f"imagenet32: missing file {p}; get Imagenet32_train_npz / Imagenet32_val_npz "
+                f"from image-net.org (downsampled ImageNet) and unpack into {root}{extra}"
+            )
+    datas, labels = [], []
+    for p in files:
+        try:
+            with np.load(p) as z:
+                d, lab = z["data"], np.asarray(z["labels"]).astype(np.int64).reshape(-1)
+        except KeyError as e:
+            raise DataError(f"corrupt file {p}: missing array {e}") from None
+        except Exception as e:
+            raise DataError(f"corrupt file {p}: {e}") from None
+        if d.dtype != np.uint8 or d.ndim != 2 or d.shape[1] != 3072 or len(lab) != len(d):
+            raise DataError(
+                f"corrupt file {p}: data {d.dtype} {d.shape}, labels {lab.shape}; "
+                "want uint8 N x 3072 and N labels"
+            )
+        if len(lab) and (lab.min() < 1 or lab.max() > 1000):
+            raise DataError(f"corrupt file {p}: labels must be 1..1000 (1-based)")
+        datas.append(d)
+        labels.append(lab - 1)
+    n = sum(len(d) for d in datas)
+    images = torch.empty((n, 3, 32, 32), dtype=torch.uint8)  # filled in place: no 2x peak
+    offset = 0
+    for d in datas:
+        images[offset : offset + len(d)] = torch.from_numpy(d.reshape(-1, 3, 32, 32))
+        offset += len(d)
+    return Split(images, torch.from_numpy(np.concatenate(labels)))
+
+
+# Synthetic ------------------------------------------------------------------------
+
+
+def _synthetic(size: int, train: bool, seed: int) -> Split:
+    """10 classes of 1x28x28 images: a smooth class prototype plus pixel noise.
+
+    Prototypes depend on ``seed`` only (shared by train and test); the samples
+    and noise also depend on ``train``, so the two splits differ.
+    """
+    if size < 1:
+        raise DataError(f"synthetic_size must be positive, got {size}")
+    proto_rng = np.random.default_rng(np.random.SeedSequence([_SYNTH, seed % (1 << 64)]))
+    coarse = proto_rng.random((10, 7, 7))
+    protos = coarse.repeat(4, axis=1).repeat(4, axis=2)  # (10, 28, 28) blocky patterns
+    rng = np.random.default_rng(np.random.SeedSequence([_SYNTH, seed % (1 << 64), int(train)]))
+    labels = rng.permutation(np.arange(size) % 10)
+    x = 0.25 + 0.15 * protos[labels] + rng.normal(0.0, 0.3, size=(size, 28, 28))
+    images = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+
+
+# ----------------------------------------------------------------------------- batch ops
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, on the images' device."""
+    mean = torch.tensor(info.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
+    """Random crop (same size, ``pad`` pixels of zero padding) + random horizontal flip.
+
+    ``images``: (B, C, H, W) of any dtype. Random numbers come from the CPU
+    ``generator`` (so results do not depend on the device); the gather runs on
+    the images' device.
+    """
+    b, c, h, w = images.shape
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    dev = images.device
+    oy, ox, flip = oy.to(dev), ox.to(dev), flip.to(dev)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = oy[:, None] + ar_h[None, :]  # (B, H)
+    cols = ox[:, None] + torch.where(flip[:, None], (w - 1) - ar_w[None, :], ar_w[None, :])
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def dirichlet_partition(
+    labels: np.ndarray | torch.Tensor,
+    world_size: int,
+    alpha: float,
+    seed: int,
+    *,
+    min_size: int = 1,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Split sample indices into ``world_size`` disjoint, covering, label-skewed shards.
+
+    For each class, proportions over ranks are drawn from Dirichlet(alpha); ranks
+    that already hold N / world_size samples get no more (the usual balancing of
+    Wang et al. 2020 / Lin et al. 2021, which keeps shard sizes comparable). The
+    draw is repeated until every shard has at least ``min_size`` samples.
+    Deterministic in (labels, world_size, alpha, seed); the same on every rank.
+    """
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    n = len(labels)
+    if world_size * min_size > n:
+        raise DataError(
+            f"dirichlet: {n} samples cannot give {world_size} shards of >= {min_size} samples"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([_DIRICHLET, seed % (1 << 64)]))
+    classes = np.unique(labels)
+    cap = n / world_size
+    best = 0
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(world_size)]
+        sizes = np.zeros(world_size, dtype=np.int64)
+        for c in classes:
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            p = rng.dirichlet(np.full(world_size, float(alpha)))
+            p = p * (sizes < cap)
+            total = p.sum()
+            p = p / total if total > 0 else np.full(world_size, 1.0 / world_size)
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
+            for r, chunk in enumerate(np.split(idx, cuts)):
+                parts[r].append(chunk)
+                sizes[r] += len(chunk)
+        best = max(best, int(sizes.min()))
+        if sizes.min() >= min_size:
+            return [np.sort(np.concatenate(p)) for p in parts]
+    raise DataError(
+        f"dirichlet(alpha={alpha}): after {max_tries} draws the smallest of {world_size} shards "
+        f"had {best} samples, need >= {min_size}; raise data.alpha or lower data.batch_size"
+    )
+
+
+class ShardedLoader:
+    """This rank's batches for one epoch.
+
+    iid: every epoch a permutation of the whole train set drawn from (seed,
+    epoch), identical on all ranks, split into world_size disjoint equal shards
+    (reshuffle=False: the epoch-0 permutation every epoch). dirichlet: fixed
+    heterogeneous shards drawn once from Dirichlet(alpha) per class (seed),
+    shuffled within the shard per epoch (from (seed, rank, epoch); reshuffle=False:
+    the epoch-0 order every epoch). Drops the ragged tail so every rank has the
+    same number of batches (steps_per_epoch = min over ranks).
+
+    Batches are normalised float32 images and int64 labels on ``device``;
+    with ``augment`` (cifar10/cifar100/imagenet32 only) each batch gets a random
+    crop with 4 pixels of zero padding and a random horizontal flip, from a
+    generator seeded by (seed, rank, epoch, batch index).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        info: DatasetInfo,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        reshuffle: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if world_size < 1:
+            raise DataError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} outside 0..{world_size - 1}")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if partition not in ("iid", "dirichlet"):
+            raise DataError(f"partition must be 'iid' or 'dirichlet', got {partition!r}")
+        if partition == "dirichlet" and not alpha > 0:
+            raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+        self.split, self.info = split, info
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.partition, self.alpha, self.reshuffle = partition, alpha, reshuffle
+        self.augment = bool(augment) and info.name in AUGMENTED
+        self.seed = seed
+        self.device = torch.device(device)
+        n = len(split)
+        self.shard: torch.Tensor | None = None  # fixed shard (dirichlet only)
+        if partition == "iid":
+            self.shard_size = n // world_size
+            min_shard = self.shard_size
+        else:
+            shards = dirichlet_partition(split.labels, world_size, alpha, seed, min_size=batch_size)
+            self.shard = torch.from_numpy(shards[rank])
+            self.shard_size = len(self.shard)
+            min_shard = min(len(s) for s in shards)
+        self.steps_per_epoch = min_shard // batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{info.name}: {n} samples over {world_size} ranks leave a shard of {min_shard} "
+                f"samples, smaller than batch_size {batch_size}"
+            )
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, in batch order (tail included)."""
+        e = epoch if self.reshuffle else 0
+        if self.shard is None:
+            perm = torch.randperm(len(self.split), generator=_generator(_PERM, self.seed, e))
+            lo = self.rank * self.shard_size
+            return perm[lo : lo + self.shard_size]
+        g = _generator(_SHUFFLE, self.seed, self.rank, e)
+        return self.shard[torch.randperm(self.shard_size, generator=g)]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images, labels) for batch indices ``start .. steps_per_epoch - 1``."""
+        if not 0 <= start <= self.steps_per_epoch:
+            raise DataError(f"start {start} outside 0..{self.steps_per_epoch}")
+        order = self.epoch_indices(epoch)
+        bs = self.batch_size
+        for b in range(start, self.steps_per_epoch):
+            idx = order[b * bs : (b + 1) * bs]
+            images = self.split.images[idx].to(self.device, non_blocking=True)
+            labels = self.split.labels[idx].to(self.device, non_blocking=True)
+            if self.augment:
+                images = augment_batch(images, _generator(_AUGMENT, self.seed, self.rank, epoch, b))
+            yield normalize(images, self.info), labels
+
+
+def eval_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of this rank's contiguous part of ``n`` items (sizes differ by <= 1)."""
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def eval_batches(
+    split: Split,
+    info: DatasetInfo,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's contiguous slice of ``split`` (disjoint across ranks, covering all of
+    it), normalised, no augmentation; the last batch may be smaller."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} outside 0..{world_size - 1}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    lo, hi = eval_slice(len(split), rank, world_size)
+    for s in range(lo, hi, batch_size):
+        e = min(s + batch_size, hi)
+        images = split.images[s:e].to(device, non_blocking=True)
+        labels = split.labels[s:e].to(device, non_blocking=True)
+        yield normalize(images, info), labels
