@@ -20,15 +20,14 @@ Comm = MPI.Comm
 WORLD: MPI.Comm = MPI.COMM_WORLD
 
 
-def _buf(x: Any) -> list:
-    """An mpi4py buffer spec for a float32 numpy array or torch tensor.
-
-    CPU torch tensors go through ``.numpy()`` (zero copy); CUDA tensors are passed
-    as they are, which mpi4py reads through ``__cuda_array_interface__``.
+def _buf(x: Any) -> Any:
+    """A buffer mpi4py can read: numpy arrays as they are, CPU tensors through
+    ``.numpy()`` (zero copy), CUDA tensors as they are (mpi4py reads
+    ``__cuda_array_interface__``). mpi4py infers the MPI datatype from each.
     """
     if hasattr(x, "is_cuda") and not x.is_cuda:
-        x = x.numpy()
-    return [x, MPI.FLOAT]
+        return x.numpy()
+    return x
 
 
 def sendrecv(
