@@ -24,7 +24,9 @@ import torch
 
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import config as config_mod
+from dsgd_mpi import schedule
 from dsgd_mpi.config import Config, ConfigError
+from dsgd_mpi.control import TargetPolicy, reference_maxima
 from dsgd_mpi.data import DataError, ShardedLoader, load
 from dsgd_mpi.flat import FlatError, flatten
 from dsgd_mpi.metrics import H5Writer, NullWriter
@@ -44,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     comm = mpi.WORLD
-    cfg = _agree_on_config(comm, args.config, args.overrides)
-    if cfg is None:
+    agreed = _agree_on_config(comm, args.config, args.overrides)
+    if agreed is None:
         return 2
     try:
-        return _train(comm, cfg)
+        return _train(comm, *agreed)
     except (DataError, FlatError) as exc:  # bad input discovered while building: no traceback wall
         sys.stderr.write(f"[rank {comm.Get_rank()}] {type(exc).__name__}: {exc}\n")
         comm.Abort(2)
@@ -57,26 +59,28 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _agree_on_config(comm: mpi.Comm, path: str | None, overrides: list[str]) -> Config | None:
-    """Rank 0 validates; everyone gets the same resolved text, or exits 2."""
-    message: tuple[str, str] = ("", "")
+def _agree_on_config(
+    comm: mpi.Comm, path: str | None, overrides: list[str]
+) -> tuple[Config, dict[int, float]] | None:
+    """Rank 0 validates; everyone gets the same resolved text and reference maxima, or exits 2."""
+    message: tuple[str, str, dict] = ("", "", {})
     if comm.Get_rank() == 0:
         try:
             cfg = config_mod.load_config(path, overrides)
             config_mod.check_world(cfg, comm.Get_size())
-            message = ("", config_mod.to_yaml(cfg))
+            message = ("", config_mod.to_yaml(cfg), reference_maxima(cfg, comm.Get_size()))
         except ConfigError as exc:
-            message = (str(exc), "")
-    error, text = comm.bcast(message, root=0)  # small control data: the config text
+            message = (str(exc), "", {})
+    error, text, maxima = comm.bcast(message, root=0)  # small control data: config text
     if error:
         if comm.Get_rank() == 0:
             print(f"config error: {error}", file=sys.stderr)
         return None
-    return config_mod.from_yaml(text)
+    return config_mod.from_yaml(text), maxima
 
 
-def _train(comm: mpi.Comm, cfg: Config) -> int:
-    trainer, path = build_trainer(comm, cfg)
+def _train(comm: mpi.Comm, cfg: Config, reference: dict[int, float]) -> int:
+    trainer, path = build_trainer(comm, cfg, reference)
     result = trainer.run()
     trainer.log(
         f"done: averaged model test accuracy {100 * result['test_acc']:.2f}%  metrics in {path}"
@@ -84,7 +88,9 @@ def _train(comm: mpi.Comm, cfg: Config) -> int:
     return 0
 
 
-def build_trainer(comm: mpi.Comm, cfg: Config) -> tuple[Trainer, str]:
+def build_trainer(
+    comm: mpi.Comm, cfg: Config, reference: dict[int, float] | None = None
+) -> tuple[Trainer, str]:
     """Every component of a run, wired together; returns the trainer and the HDF5 path."""
     rank, n = comm.Get_rank(), comm.Get_size()
     local_rank, local_size = mpi.node_local(comm)
@@ -120,7 +126,8 @@ def build_trainer(comm: mpi.Comm, cfg: Config) -> tuple[Trainer, str]:
         f"dsgd_mpi: {n} ranks, {cfg.topology.name}, {cfg.model.name} ({flat.numel():,} params) "
         f"on {d.name}, {loader.steps_per_epoch} steps/epoch, {device}, metrics -> {path}"
     )
-    return Trainer(cfg, comm, model, flat, loader, test, writer, log, device), path
+    policy = TargetPolicy(schedule.phases(cfg), reference or {})
+    return Trainer(cfg, comm, model, flat, loader, test, writer, log, device, policy), path
 
 
 def _git_describe() -> str:

@@ -22,6 +22,7 @@ from dsgd_mpi import comm as mpi
 from dsgd_mpi import schedule
 from dsgd_mpi.config import Config
 from dsgd_mpi.consensus import Consensus
+from dsgd_mpi.control import TargetPolicy
 from dsgd_mpi.data import DatasetInfo, ShardedLoader, Split, eval_batches
 from dsgd_mpi.gossip import Gossiper
 from dsgd_mpi.metrics import MetricsWriter
@@ -52,6 +53,7 @@ class Trainer:
         writer: MetricsWriter,
         log: Callable[[str], None],
         device: torch.device,
+        policy: TargetPolicy,
     ) -> None:
         self.cfg, self.comm, self.model, self.loader = cfg, comm, model, loader
         self.test, self.writer, self.log, self.device = test, writer, log, device
@@ -63,7 +65,8 @@ class Trainer:
         complete = Topology("complete", self.n)
         self.averager = Consensus(comm, Gossiper(comm, complete, flat, device_buffers=dev))
         self.optimizer = _optimizer(cfg, model, schedule.peak_lr(cfg, self.n))
-        self.spans = schedule.phases(cfg)
+        self.policy = policy
+        self.spans = policy.spans
         self.spe = loader.steps_per_epoch
         self.total_steps = max(1, math.ceil(cfg.run.epochs * self.spe - 1e-9))
         self.reducer = mpi.ScalarReducer(comm)
@@ -81,12 +84,15 @@ class Trainer:
                 phase = schedule.phase_at(self.spans, epoch_f)
                 lr = schedule.lr_at(self.cfg, self.n, epoch_f)
                 t0 = time.perf_counter()
-                loss, correct = self.local_update(images, labels, lr)
+                adaptive = self.policy.needs_gradient_norm(phase)
+                loss, correct, grad_sq = self.local_update(images, labels, lr, adaptive)
                 time_compute = time.perf_counter() - t0
+                if adaptive:  # the target must be the same on every rank: reduce first
+                    self.policy.observe(phase, self.reducer.sum(grad_sq) / self.n)
                 sums += (loss * len(labels), correct, len(labels))
                 comm = Communication()
                 if (self.step + 1) % self.cfg.gossip.local_steps == 0:
-                    comm = self.communicate(phase)
+                    comm = self.communicate(phase, self.policy.target(phase, lr))
                 self.step += 1
                 if self.step % self.cfg.metrics.log_every == 0 or self.step == self.total_steps:
                     train = self._reduce_train(sums)
@@ -101,8 +107,9 @@ class Trainer:
         return self.last_eval
 
     def local_update(
-        self, images: torch.Tensor, labels: torch.Tensor, lr: float
-    ) -> tuple[float, int]:
+        self, images: torch.Tensor, labels: torch.Tensor, lr: float, grad_norm: bool = False
+    ) -> tuple[float, int, float]:
+        """Forward, backward, optimizer step; returns loss, correct, and ||g||^2 if asked."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -111,18 +118,21 @@ class Trainer:
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_sq = 0.0
+        if grad_norm:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_sq = float(torch.stack(torch._foreach_norm(grads)).pow(2).sum())
         self.optimizer.step()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite training loss {value} at step {self.step}")
-        return value, int((logits.argmax(1) == labels).sum())
+        return value, int((logits.argmax(1) == labels).sum()), grad_sq
 
-    def communicate(self, phase: schedule.PhaseSpan) -> Communication:
-        """Gossip until the phase's target is met (or its round budget is spent)."""
+    def communicate(self, phase: schedule.PhaseSpan, target: float) -> Communication:
+        """Gossip until the estimate meets ``target`` (or the phase's round budget is spent)."""
         out = Communication()
         exact = phase.target == "exact" or self.consensus.gossiper.topology.is_allreduce
         consensus = self.averager if exact else self.consensus
-        target = self._target(phase)
         max_rounds = 1 if phase.target in ("none", "exact") else phase.max_rounds
         while True:
             t0 = time.perf_counter()
@@ -137,13 +147,6 @@ class Trainer:
                 break
         out.target = target
         return out
-
-    def _target(self, phase: schedule.PhaseSpan) -> float:
-        if phase.target == "constant" and phase.reference is not None:
-            return phase.factor * phase.reference
-        if phase.target in ("none", "exact"):
-            return math.inf if phase.target == "none" else 0.0
-        raise NotImplementedError(f"consensus target {phase.target!r} is not implemented yet")
 
     # -- measurement -----------------------------------------------------------
     def _reduce_train(self, sums: np.ndarray) -> tuple[float, float]:

@@ -40,7 +40,7 @@ for step, (images, labels) in zip(range(5), trainer.loader.batches(0), strict=Fa
     before = gathered()
     lr = 0.0 if mode == "ring_lr0" else 0.05
     trainer.local_update(images, labels, lr)
-    trainer.communicate(phase)
+    trainer.communicate(phase, trainer.policy.target(phase, lr))
     after = gathered()
     if mode == "complete":
         assert (after == after[0]).all(), f"step {step}: ranks differ after all-reduce averaging"
