@@ -120,7 +120,7 @@ class RunConfig:
     """Identity and length of the run."""
 
     name: str = "run"
-    """Run name; results go to out_dir/name/."""
+    """Run name; metrics go to out_dir/name.h5."""
     seed: NonNegInt = 0
     """Seed for model init, data order and partitioning (same on every rank)."""
     out_dir: str = "runs"
@@ -150,7 +150,7 @@ class DataConfig:
     augment: bool = True
     """Training augmentation (random crop and flip for the CIFAR-like sets)."""
     workers: NonNegInt = 0
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    """Reserved: batches are indexed from in-memory tensors, so loader workers are unused."""
     synthetic_size: PosInt = 2048
     """Number of training samples of the synthetic data set."""
 
@@ -315,7 +315,7 @@ class CheckpointConfig:
     """Checkpoints for resuming a run."""
 
     every: NonNegInt = 0
-    """Write a checkpoint every this many steps (0 = off)."""
+    """Write a checkpoint every this many steps (0 = off). Not implemented yet: must be 0."""
     dir: str | None = None
     """Checkpoint directory; null = out_dir/name/ckpt."""
 
@@ -679,6 +679,8 @@ def check_world(cfg: Config, world_size: int) -> None:
         Topology(cfg.topology.name, world_size, cfg.topology.seed)
     except TopologyError as exc:
         raise ConfigError("topology.name", f"{exc} (world size {world_size})") from None
+    if cfg.checkpoint.every:
+        raise ConfigError("checkpoint.every", "checkpoint/resume is not implemented yet; use 0")
     if cfg.data.name != "synthetic" and not cfg.data.download:
         if not os.path.isdir(cfg.data.root):
             raise ConfigError(
