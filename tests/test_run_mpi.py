@@ -113,3 +113,14 @@ def test_bad_config_exits_2_naming_the_key_before_training(tmp_path, overrides, 
     assert f"config error: {key}" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.mpi
+def test_missing_data_files_end_the_job_naming_rank_and_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()  # the directory exists, so config validation passes; the files do not
+    cfg = _config(tmp_path, data={"name": "fashion_mnist", "root": str(empty)})
+    done = run_ranks(3, ["-m", "dsgd_mpi.run", cfg], timeout=120)
+    assert done.returncode != 0
+    assert "[rank " in done.stderr and "train-images-idx3-ubyte" in done.stderr
+    assert "Traceback" not in done.stderr
