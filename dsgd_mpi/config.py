@@ -267,13 +267,15 @@ class ConsensusConfig:
     """Consensus-distance control, phase by phase."""
 
     phases: tuple[Phase, ...] = (Phase(),)
-    """Phases in order; each until_epoch ends one, the last ends with the run."""
+    """Phases in order, each ended by its until_epoch; with none given, the lr decays."""
 
     @model_validator(mode="after")
     def _check(self) -> ConsensusConfig:
         ps = self.phases
         if not ps:
             raise _Invalid("phases", "needs at least one phase (got [])")
+        if all(p.until_epoch is None for p in ps):
+            return self  # boundaries from the lr decays; the count is checked in Config
         for k, p in enumerate(ps[:-1]):
             if p.until_epoch is None:
                 raise _Invalid(
@@ -349,6 +351,15 @@ class Config:
         # run would leave the phases after it unreachable.
         ps = self.consensus.phases
         epochs = self.run.epochs
+        if len(ps) > 1 and all(p.until_epoch is None for p in ps):
+            want = len(self.optim.milestones) + 1
+            if len(ps) != want:
+                raise _Invalid(
+                    "consensus.phases",
+                    f"without until_epoch, phases follow the lr decays: {want} phases for "
+                    f"{len(self.optim.milestones)} milestones (got {len(ps)})",
+                )
+            return self
         for k, p in enumerate(ps[:-1]):
             if p.until_epoch is not None and p.until_epoch >= epochs:
                 raise _Invalid(

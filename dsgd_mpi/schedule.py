@@ -132,9 +132,13 @@ def phases(cfg: Config) -> tuple[PhaseSpan, ...]:
     """
     spans = []
     start = 0.0
-    last = len(cfg.consensus.phases) - 1
-    for k, p in enumerate(cfg.consensus.phases):
-        end = cfg.run.epochs if k == last or p.until_epoch is None else p.until_epoch
+    ps = cfg.consensus.phases
+    last = len(ps) - 1
+    # No boundaries given at all: the phases are the intervals between lr decays.
+    by_decay = last > 0 and all(p.until_epoch is None for p in ps)
+    ends = list(milestone_epochs(cfg)) if by_decay else [p.until_epoch for p in ps]
+    for k, p in enumerate(ps):
+        end = cfg.run.epochs if k == last or ends[k] is None else ends[k]
         spans.append(
             PhaseSpan(
                 index=k,

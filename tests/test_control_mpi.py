@@ -78,3 +78,11 @@ def test_reference_file_without_the_fields_is_refused(tmp_path):
     done = run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=120)
     assert done.returncode == 2 and "consensus.phases.0.reference_run" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.mpi
+def test_local_steps_communicate_every_h_steps(tmp_path):
+    s = _run(tmp_path, "local", [{"target": "none"}], n=2, extra=["gossip.local_steps=3"])
+    communicated = s["gossip_rounds"] > 0
+    np.testing.assert_array_equal(communicated, s["step"] % 3 == 0)
+    assert (s["bytes_sent"][~communicated] == 0).all()

@@ -154,3 +154,25 @@ def test_phases_follow_lr_decays() -> None:
         e = step_epoch(s, spe)
         level = round(math.log10(lr_at(cfg, 16, e) / peak_lr(cfg, 16)))
         assert phase_at(spans, e).index == -level
+
+
+def test_phases_without_boundaries_follow_the_lr_decays():
+    from dsgd_mpi.config import ConfigError, load_config
+
+    cfg = load_config(
+        None,
+        [
+            "run.epochs=8",
+            "optim.milestones=[0.5,0.75]",
+            "consensus.phases=[{target: none}, {target: exact}, {target: none}]",
+        ],
+    )
+    spans = phases(cfg)
+    assert [(s.start_epoch, s.end_epoch) for s in spans] == [(0.0, 4.0), (4.0, 6.0), (6.0, 8.0)]
+    assert [s.target for s in spans] == ["none", "exact", "none"]
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None,
+            ["optim.milestones=[0.5,0.75]", "consensus.phases=[{target: none}, {target: exact}]"],
+        )
+    assert err.value.key == "consensus.phases" and "3 phases" in str(err.value)
