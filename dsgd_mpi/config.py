@@ -31,6 +31,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from dsgd_mpi.topology import NAMES as TOPOLOGY_NAMES
 from dsgd_mpi.topology import Topology, TopologyError
 
 __all__ = [
@@ -92,15 +93,8 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 DataName = Literal["fashion_mnist", "cifar10", "cifar100", "imagenet32", "synthetic"]
 ModelName = Literal["resnet20", "small_cnn", "mlp"]
-TopologyName = Literal[
-    "complete",
-    "ring",
-    "torus",
-    "exponential",
-    "one_peer_exponential",
-    "bipartite_exponential",
-    "random_matching",
-]
+# One list of names, owned by topology.py: a new topology is accepted here too.
+TopologyName = Literal[TOPOLOGY_NAMES]  # type: ignore[valid-type]
 Target = Literal["none", "constant", "adaptive", "exact"]
 
 

@@ -287,3 +287,14 @@ def test_reference_lists_every_key() -> None:
     assert "Base learning rate" in table
     lines = table.strip().splitlines()
     assert all(line.startswith("|") and line.endswith("|") for line in lines)
+
+
+def test_config_accepts_exactly_the_topologies_topology_py_defines() -> None:
+    import typing
+
+    from dsgd_mpi.config import TopologyName
+    from dsgd_mpi.topology import NAMES
+
+    assert typing.get_args(TopologyName) == NAMES
+    for name in NAMES:
+        assert load_config(None, [f"topology.name={name}"]).topology.name == name
