@@ -27,10 +27,11 @@ from dsgd_mpi import config as config_mod
 from dsgd_mpi import schedule
 from dsgd_mpi.config import Config, ConfigError
 from dsgd_mpi.control import TargetPolicy, reference_maxima
-from dsgd_mpi.data import DataError, ShardedLoader, load
+from dsgd_mpi.data import DataError, load
 from dsgd_mpi.flat import FlatError, flatten
 from dsgd_mpi.metrics import H5Writer, NullWriter
 from dsgd_mpi.models import build_model
+from dsgd_mpi.shards import ShardedLoader
 from dsgd_mpi.trainer import Trainer
 
 __version__ = "0.1.0"

@@ -23,9 +23,10 @@ from dsgd_mpi import schedule
 from dsgd_mpi.config import Config
 from dsgd_mpi.consensus import Consensus
 from dsgd_mpi.control import TargetPolicy
-from dsgd_mpi.data import DatasetInfo, ShardedLoader, Split, eval_batches
+from dsgd_mpi.data import DatasetInfo, Split
 from dsgd_mpi.gossip import Gossiper
 from dsgd_mpi.metrics import MetricsWriter
+from dsgd_mpi.shards import ShardedLoader, eval_batches
 from dsgd_mpi.topology import Topology
 
 

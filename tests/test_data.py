@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsgd_mpi.data import (
-    DataError,
-    ShardedLoader,
-    Split,
-    augment_batch,
-    eval_batches,
-    load,
-    read_idx,
-)
+from dsgd_mpi.data import DataError, Split, load, read_idx
+from dsgd_mpi.shards import ShardedLoader, augment_batch, eval_batches
 
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -396,7 +389,7 @@ def test_eval_slices_cover_once(world_size: int) -> None:
 def test_eval_not_augmented() -> None:
     split, info = cifar_like(20)
     ((x, y),) = list(eval_batches(split, info, rank=0, world_size=1))
-    from dsgd_mpi.data import normalize
+    from dsgd_mpi.shards import normalize
 
     assert torch.equal(x, normalize(split.images, info))
     assert torch.equal(y, split.labels)
