@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -47,11 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     comm = mpi.WORLD
-    agreed = _agree_on_config(comm, args.config, args.overrides)
+    return guarded(comm, lambda: run_config(comm, args.config, args.overrides))
+
+
+def run_config(comm: mpi.Comm, path: str | None, overrides: list[str]) -> int:
+    """One run from a config file and overrides: 0 when done, 2 on a bad config."""
+    agreed = _agree_on_config(comm, path, overrides)
     if agreed is None:
         return 2
+    return _train(comm, *agreed)
+
+
+def guarded(comm: mpi.Comm, work: Callable[[], int]) -> int:
+    """Run ``work`` so that a failure on any rank takes the whole job down, naming the rank."""
     try:
-        return _train(comm, *agreed)
+        return work()
     except (DataError, FlatError) as exc:  # bad input discovered while building: no traceback wall
         sys.stderr.write(f"[rank {comm.Get_rank()}] {type(exc).__name__}: {exc}\n")
         comm.Abort(2)
