@@ -24,7 +24,7 @@ else
 endif
 export MPIEXEC
 
-.PHONY: install run demo data test bench lint clean
+.PHONY: install run demo data test bench lint clean study
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
@@ -58,6 +58,24 @@ data:
 	  echo "  or run with data.download=true data.root=data/fmnist where there is internet"; \
 	  exit 2; \
 	fi
+
+# The consensus-control study (issue 6): the Fashion-MNIST grid of configs/study/fmnist, one MPI
+# job per world size, then docs/RESULTS.md with a verdict per claim (~40 min on 2 cores).
+# Finished runs with the same config are skipped: rm -rf $(STUDY) to start over.
+STUDY ?= runs/study/fmnist
+study: $(STAMP) data
+	@mkdir -p $(STUDY) && date +%s > $(STUDY)/.started
+	@status=0; \
+	for n in 4 16; do \
+	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m dsgd_mpi.study configs/study/fmnist/plan_n$$n.txt \
+	    data.root=$(FMNIST) || status=$$?; \
+	done; \
+	$(PY) -m dsgd_mpi.analyze $(STUDY)/*.h5 --out docs/study/analyze > /dev/null || status=$$?; \
+	took=$$(( $$(date +%s) - $$(cat $(STUDY)/.started) )); \
+	$(PY) -m dsgd_mpi.analysis.claims $(STUDY)/*.h5 --out docs \
+	  --note "\`make study\` took $$((took / 60)) min $$((took % 60)) s on $$(nproc) cores ($$(date -u +%F))." \
+	  || status=$$?; \
+	exit $$status
 
 test: $(STAMP)
 	$(PY) -m pytest -q
