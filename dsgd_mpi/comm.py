@@ -15,6 +15,8 @@ from typing import Any
 
 from mpi4py import MPI
 
+from dsgd_mpi.watchdog import Watchdog, report_and
+
 Comm = MPI.Comm
 
 WORLD: MPI.Comm = MPI.COMM_WORLD
@@ -76,6 +78,24 @@ def node_local(comm: MPI.Comm) -> tuple[int, int]:
         return local.Get_rank(), local.Get_size()
     finally:
         local.Free()
+
+
+def node_pids(comm: MPI.Comm) -> dict[int, int]:
+    """{world rank: pid} of the other ranks on this node (collective)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        pairs = local.allgather((comm.Get_rank(), os.getpid()))  # small control data
+    finally:
+        local.Free()
+    return {rank: pid for rank, pid in pairs if rank != comm.Get_rank()}
+
+
+def watch_peers(comm: MPI.Comm) -> Watchdog:
+    """Arm a watchdog that names a rank of this node that dies and aborts the job.
+
+    Collective. Disarm with ``.stop()`` on every rank before the final barrier.
+    """
+    return Watchdog(node_pids(comm), comm.Get_rank(), report_and(lambda: comm.Abort(1))).start()
 
 
 def cuda_aware() -> bool:

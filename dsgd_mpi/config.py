@@ -311,7 +311,7 @@ class CheckpointConfig:
     """Checkpoints for resuming a run."""
 
     every: NonNegInt = 0
-    """Write a checkpoint every this many steps (0 = off). Not implemented yet: must be 0."""
+    """Checkpoint every this many steps and at the end (0: only on SIGTERM/SIGUSR1)."""
     dir: str | None = None
     """Checkpoint directory; null = out_dir/name/ckpt."""
 
@@ -684,8 +684,6 @@ def check_world(cfg: Config, world_size: int) -> None:
         Topology(cfg.topology.name, world_size, cfg.topology.seed)
     except TopologyError as exc:
         raise ConfigError("topology.name", f"{exc} (world size {world_size})") from None
-    if cfg.checkpoint.every:
-        raise ConfigError("checkpoint.every", "checkpoint/resume is not implemented yet; use 0")
     if cfg.data.name != "synthetic" and not cfg.data.download:
         if not os.path.isdir(cfg.data.root):
             raise ConfigError(

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 
+from dsgd_mpi import checkpoint, schedule
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import config as config_mod
-from dsgd_mpi import schedule
 from dsgd_mpi.config import Config, ConfigError
 from dsgd_mpi.control import TargetPolicy, reference_maxima
 from dsgd_mpi.data import DataError, load
@@ -63,6 +63,10 @@ def guarded(comm: mpi.Comm, work: Callable[[], int]) -> int:
     """Run ``work`` so that a failure on any rank takes the whole job down, naming the rank."""
     try:
         return work()
+    except ConfigError as exc:  # raised on every rank alike (e.g. a checkpoint of another config)
+        if comm.Get_rank() == 0:
+            print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except (DataError, FlatError) as exc:  # bad input discovered while building: no traceback wall
         sys.stderr.write(f"[rank {comm.Get_rank()}] {type(exc).__name__}: {exc}\n")
         comm.Abort(2)
@@ -91,9 +95,25 @@ def _agree_on_config(
     return config_mod.from_yaml(text), maxima
 
 
+EXIT_STOPPED = 3  # stopped by a signal after a checkpoint: relaunch the same command to resume
+
+
 def _train(comm: mpi.Comm, cfg: Config, reference: dict[int, float]) -> int:
     trainer, path = build_trainer(comm, cfg, reference)
-    result = trainer.run()
+    watchdog = mpi.watch_peers(comm)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.checkpoints.stop.uninstall()
+    watchdog.stop()  # every rank disarms before anyone may exit (see watchdog.Watchdog)
+    comm.Barrier()
+    if result is None:
+        where = checkpoint.step_dir(trainer.checkpoints.directory, trainer.step)
+        trainer.log(
+            f"stopped by {trainer.checkpoints.stop.name} at step {trainer.step}: checkpoint in "
+            f"{where}; run the same command to resume"
+        )
+        return EXIT_STOPPED
     trainer.log(
         f"done: averaged model test accuracy {100 * result['test_acc']:.2f}%  metrics in {path}"
     )
@@ -133,13 +153,49 @@ def build_trainer(
         "mpi": mpi.library_version(), "torch": torch.__version__, "world_size": n,
         "topology": cfg.topology.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
-    writer = H5Writer(path, attrs, cfg.metrics.flush_every) if rank == 0 else NullWriter()
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.out_dir, cfg.run.name, "ckpt")
+    resume_step, state = _resume(comm, cfg, ckpt_dir)
+    writer = (
+        H5Writer(path, attrs, cfg.metrics.flush_every, resume_after_step=resume_step)
+        if rank == 0
+        else NullWriter()
+    )
     log(
         f"dsgd_mpi: {n} ranks, {cfg.topology.name}, {cfg.model.name} ({flat.numel():,} params) "
         f"on {d.name}, {loader.steps_per_epoch} steps/epoch, {device}, metrics -> {path}"
     )
     policy = TargetPolicy(schedule.phases(cfg), reference or {})
-    return Trainer(cfg, comm, model, flat, loader, test, writer, log, device, policy), path
+    stop = checkpoint.StopRequest().install()
+    checkpoints = checkpoint.Checkpointer(comm, ckpt_dir, cfg.checkpoint.every, stop)
+    trainer = Trainer(cfg, comm, model, flat, loader, test, writer, log, device, policy,
+                      checkpoints)  # fmt: skip
+    if state is not None:
+        trainer.load_state_dict(state)
+        log(f"resumed from {checkpoint.step_dir(ckpt_dir, resume_step)}")
+    return trainer, path
+
+
+def _resume(comm: mpi.Comm, cfg: Config, directory: str) -> tuple[int | None, dict | None]:
+    """The latest checkpoint complete on all ranks, if it belongs to this config (collective)."""
+    step = checkpoint.agree_on_resume(comm, directory)
+    if step is None:
+        return None, None
+    state = checkpoint.load(directory, step, comm.Get_rank())
+    problem = ""
+    if comm.Get_rank() == 0:
+        key = checkpoint.config_mismatch(state["config"], config_mod.to_yaml(cfg))
+        if state["world_size"] != comm.Get_size():
+            problem = f"written by {state['world_size']} ranks, this job has {comm.Get_size()}"
+        elif key:
+            problem = f"written by a run whose {key} differs"
+    problem = comm.bcast(problem, root=0)  # small control data
+    if problem:
+        raise ConfigError(
+            "checkpoint.dir",
+            f"{checkpoint.step_dir(directory, step)} was {problem}; "
+            "use another run.name or checkpoint.dir, or delete it to start over",
+        )
+    return step, state
 
 
 def _git_describe() -> str:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsgd_mpi import checkpoint, schedule
 from dsgd_mpi import comm as mpi
-from dsgd_mpi import schedule
+from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
 from dsgd_mpi.consensus import Consensus
 from dsgd_mpi.control import TargetPolicy
@@ -55,6 +56,7 @@ class Trainer:
         log: Callable[[str], None],
         device: torch.device,
         policy: TargetPolicy,
+        checkpoints: checkpoint.Checkpointer | None = None,
     ) -> None:
         self.cfg, self.comm, self.model, self.loader = cfg, comm, model, loader
         self.test, self.writer, self.log, self.device = test, writer, log, device
@@ -71,41 +73,108 @@ class Trainer:
         self.spe = loader.steps_per_epoch
         self.total_steps = max(1, math.ceil(cfg.run.epochs * self.spe - 1e-9))
         self.reducer = mpi.ScalarReducer(comm)
+        self.checkpoints = checkpoints or checkpoint.Checkpointer(comm, "", every=0)
+        self.flat = flat
         self.step = 0
+        self.sums = np.zeros(3)  # loss * samples, correct, samples since the last log row
+        self.clock = time.perf_counter()
+        self.last_eval: dict = {}
 
     # -- the story -------------------------------------------------------------
-    def run(self) -> dict:
-        sums = np.zeros(3)  # loss * samples, correct, samples since the last log line
-        clock = time.perf_counter()
-        for epoch in range(math.ceil(self.total_steps / self.spe)):
-            for images, labels in self.loader.batches(epoch):
-                if self.step >= self.total_steps:
-                    break
-                epoch_f = schedule.step_epoch(self.step, self.spe)
-                phase = schedule.phase_at(self.spans, epoch_f)
-                lr = schedule.lr_at(self.cfg, self.n, epoch_f)
-                t0 = time.perf_counter()
-                adaptive = self.policy.needs_gradient_norm(phase)
-                loss, correct, grad_sq = self.local_update(images, labels, lr, adaptive)
-                time_compute = time.perf_counter() - t0
-                if adaptive:  # the target must be the same on every rank: reduce first
-                    self.policy.observe(phase, self.reducer.sum(grad_sq) / self.n)
-                sums += (loss * len(labels), correct, len(labels))
-                comm = Communication()
-                if (self.step + 1) % self.cfg.gossip.local_steps == 0:
-                    comm = self.communicate(phase, self.policy.target(phase, lr))
-                self.step += 1
-                if self.step % self.cfg.metrics.log_every == 0 or self.step == self.total_steps:
-                    train = self._reduce_train(sums)
-                    sums[:] = 0
-                    self.log_step(epoch_f, phase.index, lr, train, comm, time_compute, clock)
-                    clock = time.perf_counter()
-            if (epoch + 1) % max(
-                1, round(self.cfg.metrics.eval_every)
-            ) == 0 or self.step >= self.total_steps:
-                self.evaluate(schedule.step_epoch(self.step - 1, self.spe))
+    def run(self) -> dict | None:
+        """Train to the end (returns the last evaluation) or until a stop signal (None)."""
+        for images, labels in self._remaining_batches():
+            self.train_step(images, labels)
+            if self.step % self.spe == 0 or self.step == self.total_steps:
+                self._maybe_evaluate()
+            save, stop = self.checkpoints.due(self.step, final=self.step == self.total_steps)
+            if save:
+                self.save_checkpoint()
+            if stop:
+                self.writer.close(finished=False)
+                return None
         self.writer.close(finished=True)
         return self.last_eval
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step: local update, gossip until the phase's target, a log row when due."""
+        epoch_f = schedule.step_epoch(self.step, self.spe)
+        phase = schedule.phase_at(self.spans, epoch_f)
+        lr = schedule.lr_at(self.cfg, self.n, epoch_f)
+        t0 = time.perf_counter()
+        adaptive = self.policy.needs_gradient_norm(phase)
+        loss, correct, grad_sq = self.local_update(images, labels, lr, adaptive)
+        time_compute = time.perf_counter() - t0
+        if adaptive:  # the target must be the same on every rank: reduce first
+            self.policy.observe(phase, self.reducer.sum(grad_sq) / self.n)
+        self.sums += (loss * len(labels), correct, len(labels))
+        comm = Communication()
+        if (self.step + 1) % self.cfg.gossip.local_steps == 0:
+            comm = self.communicate(phase, self.policy.target(phase, lr))
+        self.step += 1
+        if self.step % self.cfg.metrics.log_every == 0 or self.step == self.total_steps:
+            train = self._reduce_train(self.sums)
+            self.sums[:] = 0
+            self.log_step(epoch_f, phase.index, lr, train, comm, time_compute, self.clock)
+            self.clock = time.perf_counter()
+
+    def _remaining_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches from the current step on: a resumed run starts mid-epoch."""
+        for epoch in range(self.step // self.spe, math.ceil(self.total_steps / self.spe)):
+            for batch in self.loader.batches(epoch, start=self.step - epoch * self.spe):
+                if self.step >= self.total_steps:
+                    return
+                yield batch
+
+    def _maybe_evaluate(self) -> None:
+        every = max(1, round(self.cfg.metrics.eval_every))
+        epoch_due = self.step % self.spe == 0 and (self.step // self.spe) % every == 0
+        if epoch_due or self.step == self.total_steps:
+            self.evaluate(schedule.step_epoch(self.step - 1, self.spe))
+
+    # -- checkpoints -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the next step depends on; a resumed run continues bit for bit."""
+        return {
+            "step": self.step, "world_size": self.n, "config": config_mod.to_yaml(self.cfg),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "gossip_t": self.consensus.gossiper.t, "averager_t": self.averager.gossiper.t,
+            "policy": self.policy.state(), "sums": [float(v) for v in self.sums],
+            "last_eval": {k: float(v) for k, v in self.last_eval.items()},
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])  # copies into the views of the flat buffer
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.consensus.gossiper.t = int(state["gossip_t"])
+        self.averager.gossiper.t = int(state["averager_t"])
+        self.policy.load_state(state["policy"])
+        self.sums[:] = state["sums"]
+        self.last_eval = dict(state["last_eval"])
+        self.checkpoints.last_step = self.step
+
+    def save_checkpoint(self) -> None:
+        """Flush the metrics first: rows up to this step must be on disk before it counts."""
+        bad = self.reducer.max(0.0 if bool(torch.isfinite(self.flat).all()) else 1.0)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite parameters at step {self.step}; not saved. "
+                f"Last good checkpoint: {self._last_good()}"
+            )
+        self.writer.flush()
+        self.checkpoints.write(self.step, self.state_dict())
+
+    def _last_good(self) -> str:
+        last = self.checkpoints.last_step
+        if last is None:
+            return "none"
+        return checkpoint.step_dir(self.checkpoints.directory, last)
 
     def local_update(
         self, images: torch.Tensor, labels: torch.Tensor, lr: float, grad_norm: bool = False
@@ -126,7 +195,10 @@ class Trainer:
         self.optimizer.step()
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite training loss {value} at step {self.step}")
+            raise FloatingPointError(
+                f"non-finite training loss {value} at step {self.step + 1}. "
+                f"Last good checkpoint: {self._last_good()}"
+            )
         return value, int((logits.argmax(1) == labels).sum()), grad_sq
 
     def communicate(self, phase: schedule.PhaseSpan, target: float) -> Communication:
@@ -144,6 +216,11 @@ class Trainer:
             out.time_allreduce += time.perf_counter() - t1
             out.rounds += 1
             out.bytes_sent += consensus.gossiper.bytes_last_round
+            if not math.isfinite(out.estimate):  # every rank sees it: all stop together
+                raise FloatingPointError(
+                    f"parameters diverged at step {self.step + 1}: consensus estimate "
+                    f"{out.estimate}. Last good checkpoint: {self._last_good()}"
+                )
             if out.rounds >= max_rounds or out.estimate <= target:
                 break
         out.target = target

@@ -31,16 +31,14 @@ def mpiexec() -> str:
     return found
 
 
-def run_ranks(
-    n: int, args: list[str], timeout: float = 180, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """``mpiexec -n n python -m mpi4py ARGS``; returns the finished process.
+def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Launch ``mpiexec -n n python -m mpi4py ARGS`` in its own process group; don't wait.
 
     ``args`` is a script path or ``-m module`` followed by its arguments.
     """
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -49,13 +47,72 @@ def run_ranks(
         cwd=ROOT,
         start_new_session=True,  # own process group: a timeout kills every rank
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a launched job; on timeout kill its whole process group and fail."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         out, err = proc.communicate()
-        raise AssertionError(f"MPI job timed out after {timeout}s: {cmd}\n{out}\n{err}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        raise AssertionError(
+            f"MPI job timed out after {timeout}s: {proc.args}\n{out}\n{err}"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_ranks(
+    n: int, args: list[str], timeout: float = 180, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``mpiexec -n n python -m mpi4py ARGS``; returns the finished process."""
+    return finish(start_ranks(n, args, env), timeout)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux: reads /proc). Hydra starts each rank in its
+    own session, so killing mpiexec's process group does not reach the ranks."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_job(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to mpiexec and every process below it (ranks included)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """{MPI rank: pid} of a job started by :func:`start_ranks` (Linux: reads /proc)."""
+    found = {}
+    for pid in descendants(proc.pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        for key in (b"PMI_RANK", b"OMPI_COMM_WORLD_RANK", b"PMIX_RANK"):
+            if key in env:
+                found[int(env[key])] = pid
+                break
+    return found
 
 
 def check_ranks(n: int, args: list[str], timeout: float = 180) -> str:

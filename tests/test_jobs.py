@@ -70,7 +70,7 @@ def test_template_static(path: Path):
     assert "set -euo pipefail" in text
     assert 'source "${DSGD_VENV:-$SLURM_SUBMIT_DIR/.venv}/bin/activate"' in text
     assert "export OMP_NUM_THREADS=1" in text
-    assert f"${{LAUNCHER:-srun --mpi=pmix}} {LAUNCH}" in text
+    assert f"${{LAUNCHER:-srun --mpi=pmix --kill-on-bad-exit=1}} {LAUNCH}" in text
 
     # Resources and paths only.
     assert not HYPER_RE.search(text), HYPER_RE.search(text).group(0)
@@ -178,7 +178,16 @@ def expect_launch(rec: list[str], env: dict[str, str], argv: list[str]) -> None:
     pwd, omp, *args = rec
     assert pwd == env["SLURM_SUBMIT_DIR"]
     assert omp == "1"
-    assert args == ["--mpi=pmix", "python", "-m", "mpi4py", "-m", "dsgd_mpi.run", *argv]
+    assert args == [
+        "--mpi=pmix",
+        "--kill-on-bad-exit=1",
+        "python",
+        "-m",
+        "mpi4py",
+        "-m",
+        "dsgd_mpi.run",
+        *argv,
+    ]
 
 
 @needs_bash
