@@ -292,7 +292,7 @@ def test_reference_lists_every_key() -> None:
 def test_config_accepts_exactly_the_topologies_topology_py_defines() -> None:
     import typing
 
-    from dsgd_mpi.config import TopologyName
+    from dsgd_mpi.schema import TopologyName
     from dsgd_mpi.topology import NAMES
 
     assert typing.get_args(TopologyName) == NAMES

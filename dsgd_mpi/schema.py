@@ -1,0 +1,424 @@
+"""The config schema: one frozen, typed, documented dataclass per section.
+
+A one-line docstring under every field becomes its description and its row in
+``config.reference()``; ``Literal`` for every choice; validators raise
+``_Invalid`` with the path of the offending key. Loading, overrides and
+messages live in :mod:`dsgd_mpi.config`, which re-exports these classes.
+
+Pure: no MPI, no torch; the ``reference_run`` check looks at the file system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import field
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.dataclasses import dataclass
+
+from dsgd_mpi.topology import NAMES as TOPOLOGY_NAMES
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, of the wrong type or impossible.
+
+    ``key`` is the dotted path of the offending key (``"optim.lr"``,
+    ``"consensus.phases.1.until_epoch"``); it is ``""`` for errors about the
+    file as a whole. ``str(exc)`` is ``"<key>: <reason>"``.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}" if key else reason)
+
+
+class _Invalid(ValueError):
+    """Raised by validators: ``path`` (relative to the validated object) + reason."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(reason)
+
+
+# --------------------------------------------------------------------- types
+
+_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+def _section(cls: type) -> type:
+    return dataclass(frozen=True, kw_only=True, config=_CONFIG)(cls)
+
+
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+DataName = Literal["fashion_mnist", "cifar10", "cifar100", "imagenet32", "synthetic"]
+ModelName = Literal["resnet20", "small_cnn", "mlp"]
+# One list of names, owned by topology.py: a new topology is accepted here too.
+TopologyName = Literal[TOPOLOGY_NAMES]  # type: ignore[valid-type]
+Target = Literal["none", "constant", "adaptive", "exact"]
+
+
+def _fmt(x: object) -> str:
+    """Short repr of a value for messages (YAML-ish: floats and lists as written)."""
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ------------------------------------------------------------------ sections
+
+
+@_section
+class RunConfig:
+    """Identity and length of the run."""
+
+    name: str = "run"
+    """Run name; metrics go to out_dir/name.h5."""
+    seed: NonNegInt = 0
+    """Seed for model init, data order and partitioning (same on every rank)."""
+    out_dir: str = "runs"
+    """Directory that holds one subdirectory per run."""
+    epochs: PosFloat = 3.0
+    """Length of the run in epochs of each rank's shard (may be fractional)."""
+
+
+@_section
+class DataConfig:
+    """Data set and its split across ranks."""
+
+    name: DataName = "fashion_mnist"
+    """Data set."""
+    root: str = "/usr/share/datasets/fashion-mnist"
+    """Directory of the data set files (not needed for synthetic)."""
+    batch_size: PosInt = 32
+    """Mini-batch size per rank (the total batch is batch_size * world size)."""
+    partition: Literal["iid", "dirichlet"] = "iid"
+    """Split of the training set: iid shards, or label skew drawn from Dirichlet(alpha)."""
+    alpha: PosFloat = 0.5
+    """Dirichlet concentration for partition=dirichlet (smaller = more skew)."""
+    reshuffle: bool = True
+    """Reshuffle each rank's shard at every epoch."""
+    download: bool = False
+    """Download the data set into root if it is missing."""
+    augment: bool = True
+    """Training augmentation (random crop and flip for the CIFAR-like sets)."""
+    workers: NonNegInt = 0
+    """Reserved: batches are indexed from in-memory tensors, so loader workers are unused."""
+    synthetic_size: PosInt = 2048
+    """Number of training samples of the synthetic data set."""
+
+
+@_section
+class ModelConfig:
+    """Network architecture."""
+
+    name: ModelName = "small_cnn"
+    """Architecture."""
+    width: PosInt = 1
+    """Width multiplier of the channels / hidden units."""
+
+
+@_section
+class OptimConfig:
+    """Local optimizer and learning-rate schedule."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    """Local optimizer."""
+    lr: PosFloat = 0.1
+    """Base learning rate, for base_batch samples per step."""
+    base_batch: PosInt = 64
+    """Total batch size that lr refers to."""
+    scale_lr: bool = True
+    """Scale the peak lr linearly with the batch: lr * total_batch / base_batch."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Momentum (SGD) or beta1 (Adam); buffers stay local to each rank."""
+    nesterov: bool = True
+    """Nesterov momentum (SGD only)."""
+    weight_decay: NonNegFloat = 1e-4
+    """L2 weight decay."""
+    warmup_epochs: NonNegFloat = 0.0
+    """Linear warmup from 0 to the peak lr over this many epochs."""
+    milestones: tuple[Fraction, ...] = (0.5, 0.75)
+    """Fractions of run.epochs at which the lr is multiplied by decay."""
+    decay: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Factor applied to the lr at each milestone."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        ms = self.milestones
+        for k in range(1, len(ms)):
+            if ms[k] <= ms[k - 1]:
+                raise _Invalid("milestones", f"must be strictly increasing (got {_fmt(list(ms))})")
+        return self
+
+
+@_section
+class TopologyConfig:
+    """Communication graph (see python -m dsgd_mpi.topology)."""
+
+    name: TopologyName = "ring"
+    """Gossip topology."""
+    seed: NonNegInt = 0
+    """Seed of the time-varying topologies (random_matching)."""
+
+
+@_section
+class GossipConfig:
+    """What is mixed and how the bytes move."""
+
+    local_steps: PosInt = 1
+    """Local optimizer steps between gossip phases (H in local SGD)."""
+    buffers: bool = False
+    """Also mix BatchNorm running statistics (otherwise they stay local)."""
+    device_buffers: Literal["auto", "on", "off"] = "auto"
+    """Hand device memory to MPI directly: on, off (stage via host), auto (if CUDA-aware)."""
+
+
+@_section
+class Phase:
+    """One interval of epochs with its consensus target."""
+
+    until_epoch: PosFloat | None = None
+    """End of the phase in epochs; null = end of the run (only for the last phase)."""
+    target: Target = "none"
+    """Consensus control: none (1 round/step), constant, adaptive, exact (all-reduce)."""
+    factor: PosFloat = 1.0
+    """Multiplier of the target (constant: of reference; adaptive: of lr^2 EMA(|g|^2))."""
+    reference: PosFloat | None = None
+    """Target=constant: reference consensus distance (or give reference_run)."""
+    reference_run: str | None = None
+    """Target=constant: HDF5 file of an uncontrolled run; its max distance in this phase."""
+    max_rounds: PosInt = 1
+    """Most gossip rounds per step while the target is not met."""
+    ema: Fraction = 0.9
+    """Target=adaptive: EMA coefficient of the mean squared gradient norm."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Phase:
+        given = [k for k in ("reference", "reference_run") if getattr(self, k) is not None]
+        if self.target == "constant":
+            if len(given) != 1:
+                what = "both" if given else "neither"
+                raise _Invalid(
+                    "reference",
+                    f"target 'constant' needs exactly one of reference / reference_run "
+                    f"(got {what})",
+                )
+            if self.reference_run is not None and not os.path.isfile(self.reference_run):
+                raise _Invalid("reference_run", f"no such file (got {_fmt(self.reference_run)})")
+        elif given:
+            raise _Invalid(
+                given[0],
+                f"only used by target 'constant', not {self.target!r} "
+                f"(got {_fmt(getattr(self, given[0]))})",
+            )
+        return self
+
+
+@_section
+class ConsensusConfig:
+    """Consensus-distance control, phase by phase."""
+
+    phases: tuple[Phase, ...] = (Phase(),)
+    """Phases in order, each ended by its until_epoch; with none given, the lr decays."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ConsensusConfig:
+        ps = self.phases
+        if not ps:
+            raise _Invalid("phases", "needs at least one phase (got [])")
+        if all(p.until_epoch is None for p in ps):
+            return self  # boundaries from the lr decays; the count is checked in Config
+        for k, p in enumerate(ps[:-1]):
+            if p.until_epoch is None:
+                raise _Invalid(
+                    f"phases.{k}.until_epoch",
+                    "only the last phase may end with the run (got null)",
+                )
+            if k and p.until_epoch <= ps[k - 1].until_epoch:  # type: ignore[operator]
+                raise _Invalid(
+                    f"phases.{k}.until_epoch",
+                    f"must be greater than phases.{k - 1}.until_epoch="
+                    f"{_fmt(ps[k - 1].until_epoch)} (got {_fmt(p.until_epoch)})",
+                )
+        last = ps[-1].until_epoch
+        if len(ps) > 1 and last is not None and last <= ps[-2].until_epoch:  # type: ignore[operator]
+            raise _Invalid(
+                f"phases.{len(ps) - 1}.until_epoch",
+                f"must be greater than phases.{len(ps) - 2}.until_epoch="
+                f"{_fmt(ps[-2].until_epoch)} (got {_fmt(last)})",
+            )
+        return self
+
+
+@_section
+class MetricsConfig:
+    """What is measured and how often."""
+
+    log_every: PosInt = 50
+    """Log a row of step metrics every this many steps."""
+    exact_every: NonNegInt = 0
+    """Measure the exact consensus distance every this many steps (0 = never)."""
+    eval_every: PosFloat = 1.0
+    """Evaluate the averaged and local models every this many epochs."""
+    flush_every: PosInt = 50
+    """Flush logged rows to the HDF5 file every this many steps."""
+
+
+@_section
+class CheckpointConfig:
+    """Checkpoints for resuming a run."""
+
+    every: NonNegInt = 0
+    """Checkpoint every this many steps and at the end (0: only on SIGTERM/SIGUSR1)."""
+    dir: str | None = None
+    """Checkpoint directory; null = out_dir/name/ckpt."""
+
+
+@_section
+class Config:
+    """The whole run configuration; every section is optional."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Identity and length of the run."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data set and its split across ranks."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network architecture."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Local optimizer and learning-rate schedule."""
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    """Communication graph."""
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    """What is mixed and how the bytes move."""
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    """Consensus-distance control, phase by phase."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """What is measured and how often."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints for resuming a run."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        # Phases are in absolute epochs; one that ends at or after the end of the
+        # run would leave the phases after it unreachable.
+        ps = self.consensus.phases
+        epochs = self.run.epochs
+        if len(ps) > 1 and all(p.until_epoch is None for p in ps):
+            want = len(self.optim.milestones) + 1
+            if len(ps) != want:
+                raise _Invalid(
+                    "consensus.phases",
+                    f"without until_epoch, phases follow the lr decays: {want} phases for "
+                    f"{len(self.optim.milestones)} milestones (got {len(ps)})",
+                )
+            return self
+        for k, p in enumerate(ps[:-1]):
+            if p.until_epoch is not None and p.until_epoch >= epochs:
+                raise _Invalid(
+                    f"consensus.phases.{k}.until_epoch",
+                    f"must be < run.epochs={_fmt(epochs)} since phases follow it "
+                    f"(got {_fmt(p.until_epoch)})",
+                )
+        last = ps[-1].until_epoch
+        if last is not None and last < epochs:
+            raise _Invalid(
+                f"consensus.phases.{len(ps) - 1}.until_epoch",
+                f"the last phase must reach run.epochs={_fmt(epochs)}; use null (got {_fmt(last)})",
+            )
+        return self
+
+
+# -------------------------------------------------------------- introspection
+
+_ADAPTER: TypeAdapter[Config] = TypeAdapter(Config)
+
+
+def _defaults() -> dict[str, Any]:
+    return _ADAPTER.dump_python(Config(), mode="json")  # type: ignore[no-any-return]
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """Field name -> FieldInfo of a pydantic dataclass."""
+    return cls.__pydantic_fields__  # type: ignore[attr-defined,no-any-return]
+
+
+def _inner(annotation: Any) -> Any:
+    """The dataclass inside ``X`` or ``tuple[X, ...]``, else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+            return ("tuple", args[0])
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        base = _type_name(args[0])
+        cons = []
+        for meta in args[1:]:
+            for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                for m in getattr(meta, "metadata", [meta]):
+                    if getattr(m, attr, None) is not None:
+                        cons.append(f"{op} {getattr(m, attr)}")
+        return f"{base} {', '.join(cons)}" if cons else base
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"list[{_type_name(args[0])}]"
+    if dataclasses.is_dataclass(annotation):
+        return annotation.__name__
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _field_type(info: Any) -> str:
+    """Type of a field with its constraints (pydantic moves Field(gt=...) into metadata)."""
+    ann = info.annotation
+    if info.metadata:
+        ann = Annotated[(ann, *info.metadata)]
+    return _type_name(ann)
+
+
+def _default_text(value: Any) -> str:
+    return json.dumps(value)
+
+
+def reference() -> str:
+    """Markdown table of every config key: dotted path, type, default, description."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    defaults = _defaults()
+
+    def walk(cls: type, prefix: str, dflt: dict[str, Any] | None) -> None:
+        for name, info in _fields(cls).items():
+            key = f"{prefix}{name}"
+            inner = _inner(info.annotation)
+            value = None if dflt is None else dflt.get(name)
+            if dataclasses.is_dataclass(inner):
+                walk(inner, key + ".", value)  # type: ignore[arg-type]
+                continue
+            shown = _default_text(value)
+            desc = (info.description or "").replace("|", "\\|")
+            rows.append(f"| `{key}` | {_field_type(info)} | `{shown}` | {desc} |")
+            if isinstance(inner, tuple):
+                item = inner[1]
+                walk(item, f"{key}.N.", TypeAdapter(item).dump_python(item(), mode="json"))
+
+    walk(Config, "", defaults)
+    return "\n".join(rows) + "\n"
