@@ -72,7 +72,7 @@ study: $(STAMP) data
 	done; \
 	$(PY) -m dsgd_mpi.analyze $(STUDY)/*.h5 --out docs/study/analyze > /dev/null || status=$$?; \
 	took=$$(( $$(date +%s) - $$(cat $(STUDY)/.started) )); \
-	$(PY) -m dsgd_mpi.analysis.claims $(STUDY)/*.h5 --out docs \
+	$(PY) -m dsgd_mpi.analysis.report $(STUDY)/*.h5 --out docs \
 	  --note "\`make study\` took $$((took / 60)) min $$((took % 60)) s on $$(nproc) cores ($$(date -u +%F))." \
 	  || status=$$?; \
 	exit $$status

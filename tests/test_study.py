@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import h5py
+import pandas as pd
 import pytest
 import yaml
 
-from dsgd_mpi.analysis import claims
+from dsgd_mpi.analysis import claims, report
 from dsgd_mpi.analysis.load import load_run
 from dsgd_mpi.config import check_world, load_config, to_yaml
 from dsgd_mpi.metrics import H5Writer
@@ -53,10 +54,10 @@ def write_run(tmp_path: Path, cell: str, seed: int, acc: float, *, topology: str
     return path
 
 
-def table(tmp_path: Path, accs: dict[str, tuple[float, ...]], **kw) -> claims.pd.DataFrame:
+def table(tmp_path: Path, accs: dict[str, tuple[float, ...]], **kw) -> pd.DataFrame:
     paths = [write_run(tmp_path, cell, s, a, n=int(cell.rsplit("_n", 1)[1]), **kw)
              for cell, values in accs.items() for s, a in enumerate(values)]  # fmt: skip
-    stats = claims.pd.DataFrame([claims.run_stats(load_run(p)) for p in paths])
+    stats = pd.DataFrame([claims.run_stats(load_run(p)) for p in paths])
     return claims.cell_table(stats)
 
 
@@ -72,6 +73,13 @@ def test_ring_as_good_as_complete_is_not_reproduced(tmp_path):
     t = table(tmp_path, {"ring_n4": (0.880, 0.882), "complete_n4": (0.870, 0.872),
                          "ring_n16": (0.880, 0.882), "complete_n16": (0.860, 0.862)})  # fmt: skip
     assert claims.claim1(t).verdict == "not reproduced"
+
+
+def test_a_gap_the_seeds_could_have_seen_but_did_not_is_absent(tmp_path):
+    t = table(tmp_path, {"ring_n4": (0.880, 0.881), "complete_n4": (0.880, 0.881),
+                         "ring_n16": (0.879, 0.881), "complete_n16": (0.880, 0.881)})  # fmt: skip
+    v = claims.claim1(t)
+    assert v.verdict == "not reproduced" and "gap n=16: +0.05 pp" in v.reason
 
 
 def test_differences_inside_the_seed_noise_are_inconclusive(tmp_path):
@@ -98,11 +106,9 @@ def test_critical_consensus_distance(tmp_path):
     assert claims.claim2(table(tmp_path, accs), 16).verdict == "not reproduced"
 
 
-def cells_in(folder: Path) -> tuple[claims.pd.DataFrame, claims.pd.DataFrame]:
+def cells_in(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-run stats, per-cell table) of every run file in a folder."""
-    stats = claims.pd.DataFrame(
-        [claims.run_stats(load_run(p)) for p in sorted(folder.glob("*.h5"))]
-    )
+    stats = pd.DataFrame([claims.run_stats(load_run(p)) for p in sorted(folder.glob("*.h5"))])
     return stats, claims.cell_table(stats)
 
 
@@ -142,7 +148,7 @@ def test_results_markdown_has_every_claim_and_its_plots(tmp_path):
         for s in (0, 1):
             write_run(runs_dir, cell, s, 0.8 + s / 100, n=int(cell.rsplit("_n", 1)[1]))
     files = [str(p) for p in sorted(runs_dir.glob("*.h5"))]
-    assert claims.main([*files, "--out", str(tmp_path / "docs"), "--note", "took 1 min"]) == 0
+    assert report.main([*files, "--out", str(tmp_path / "docs"), "--note", "took 1 min"]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     for key in ("1:", "2:", "3:", "4:", "5:", "6a:", "6b:"):
         assert f"## Claim {key}" in text
@@ -212,3 +218,19 @@ def test_study_runs_a_plan_in_one_job_and_skips_finished_runs(tmp_path):
         assert f["steps"]["gossip_rounds"][:].max() > 1
     again = run_ranks(2, ["-m", "dsgd_mpi.study", str(plan)], timeout=120)
     assert again.returncode == 0 and again.stdout.count("skip (finished, same config)") == 2
+
+
+def test_cifar10_sweeps_run_references_in_the_first_array_job():
+    sweeps = ROOT / "jobs" / "sweeps"
+    first = read_plan(str(sweeps / "study_cifar10_1.txt"))
+    then = read_plan(str(sweeps / "study_cifar10_2.txt"))
+    produced = {
+        f"runs/study/cifar10/{o.split('=', 1)[1]}.h5"
+        for e in first
+        for o in e.overrides
+        if o.startswith("run.name=")
+    }
+    needed = {o.split("=", 1)[1] for e in then for o in e.overrides if "reference_run=" in o}
+    assert needed and needed <= produced
+    plan = read_plan(str(STUDY / "cifar10" / "plan_n16.txt"))
+    assert sorted(map(str, plan)) == sorted(map(str, first + then))  # the same runs

@@ -1,39 +1,34 @@
 """Verdicts on the consensus-control claims (issue 6) from the study's run files.
 
-    python -m dsgd_mpi.analysis.claims runs/study/fmnist/*.h5 --out docs
+A run's cell is its ``run.name`` without the ``_sS`` seed suffix
+(configs/study/generate.py). Accuracy is the averaged model's final test
+accuracy. Rules, in percentage points (pp): for two cells a and b,
+``d = mean(a) - mean(b)`` and ``se = sqrt(sd_a^2/n_a + sd_b^2/n_b)`` over seeds
+(floored at 0.05 pp, NaN with one seed); a is *clearly above* b when
+``d > 2 se``, *clearly below* when ``d < -2 se``, else *within noise*; a
+difference within noise counts as *absent* when the test could have seen 0.5 pp
+(``2 se < 0.5``). Gossip rounds and bytes are whole-run totals (exact when
+``metrics.log_every`` is 1, else scaled by it, ~). Each verdict names its rule.
 
-Writes ``OUT/RESULTS.md`` and its plots into ``OUT/study/``. A run's cell is its
-``run.name`` without the ``_sS`` seed suffix (configs/study/generate.py).
-Accuracy is the averaged model's final test accuracy. Rules, in percentage
-points (pp): for two cells a and b, ``d = mean(a) - mean(b)`` and
-``se = sqrt(sd_a^2/n_a + sd_b^2/n_b)`` (floored at 0.05 pp, NaN with one seed);
-a is *clearly above* b when ``d > 2 se``, *clearly below* when ``d < -2 se``,
-else *within noise*. Gossip rounds and bytes are whole-run totals (exact when
-``metrics.log_every`` is 1, else scaled by it and marked ~).
+Pure numbers to verdicts; ``dsgd_mpi.analysis.report`` writes docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import re
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from dsgd_mpi.analysis.load import Run
-from dsgd_mpi.analysis.plots import plot_rounds, plot_test_acc
-from dsgd_mpi.analysis.tables import pm
 from dsgd_mpi.topology import Topology
 
 SE_FLOOR = 0.05
 """pp: two cells closer than 2 x this are never told apart."""
+MIN_EFFECT = 0.5
+"""pp: a difference within noise is absent (not just unseen) when 2 se is below this."""
 CHANCE = 0.15
 """A final accuracy at or below this (10 classes) counts as diverged."""
 
@@ -55,7 +50,7 @@ def run_stats(run: Run) -> dict:
     every = int(run.config.get("metrics", {}).get("log_every", 1))
     acc = pd.to_numeric(ev["test_acc"], errors="coerce").dropna()
     exact, bound = s["consensus_exact"].to_numpy(float), s["consensus_bound"].to_numpy(float)
-    checked = np.isfinite(exact) & np.isfinite(bound)
+    checked = np.isfinite(bound) & (np.nan_to_num(exact) > 0)  # exact phases: 0 <= anything
     comm = s["gossip_rounds"].to_numpy(float) > 0
     est, target = s["consensus_estimate"].to_numpy(float), s["target"].to_numpy(float)
     return {
@@ -66,10 +61,15 @@ def run_stats(run: Run) -> dict:
         "bytes": float(s["bytes_sent"].sum()) * every, "exact_totals": every == 1,
         "rounds_per_step": float(s["gossip_rounds"][comm].mean()) if comm.any() else math.nan,
         "met": float(np.mean(est[comm] <= target[comm])) if comm.any() else math.nan,
-        "mean_exact": float(np.nanmean(exact)) if np.isfinite(exact).any() else math.nan,
+        "mean_exact": _mean(exact),
+        "exact_p1": _mean(exact[s["phase"].to_numpy() == 0]),
         "bound_checked": int(checked.sum()),
         "bound_violations": int(np.sum(exact[checked] > bound[checked] * (1 + 1e-6) + 1e-12)),
     }  # fmt: skip
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
 
 
 def cell_table(stats: pd.DataFrame) -> pd.DataFrame:
@@ -78,7 +78,7 @@ def cell_table(stats: pd.DataFrame) -> pd.DataFrame:
     out = g.agg(seeds=("acc", "size"), acc_mean=("acc", "mean"), acc_std=("acc", "std"),
                 rounds=("rounds", "mean"), bytes=("bytes", "mean"),
                 rounds_per_step=("rounds_per_step", "mean"), met=("met", "mean"),
-                mean_exact=("mean_exact", "mean"),
+                mean_exact=("mean_exact", "mean"), exact_p1=("exact_p1", "mean"),
                 exact_totals=("exact_totals", "all"))  # fmt: skip
     return out
 
@@ -93,22 +93,25 @@ def compare(t: pd.DataFrame, a: str, b: str) -> tuple[float, float]:
 
 
 def relation(d: float, se: float) -> str:
+    """above / below / absent (within noise, resolution < MIN_EFFECT) / noise / unknown."""
     if not (math.isfinite(d) and math.isfinite(se)):
         return "unknown"
-    return "above" if d > 2 * se else "below" if d < -2 * se else "noise"
+    if abs(d) <= 2 * se:
+        return "absent" if 2 * se < MIN_EFFECT else "noise"
+    return "above" if d > 0 else "below"
 
 
 def _fmt(d: float, se: float) -> str:
     return f"{d:+.2f} pp (2se {2 * se:.2f})"
 
 
-def _sizes(t: pd.DataFrame) -> list[int]:
+def sizes(t: pd.DataFrame) -> list[int]:
     found = {int(m.group(1)) for c in t.index if (m := re.fullmatch(r"ring_n(\d+)", c))}
     return sorted(n for n in found if f"complete_n{n}" in t.index)
 
 
 def claim1(t: pd.DataFrame) -> Verdict:
-    ns = _sizes(t)
+    ns = sizes(t)
     name = "1: ring below C-SGD, gap grows with n"
     if len(ns) < 2:
         return Verdict(name, "inconclusive", "needs ring and complete at two world sizes")
@@ -120,8 +123,8 @@ def claim1(t: pd.DataFrame) -> Verdict:
     below, grows = relation(*hi), relation(*grow)
     if below == "above" and grows == "above":
         return Verdict(name, "reproduced", text)
-    if below == "below" or grows == "below":
-        return Verdict(name, "not reproduced", text + " (ring clearly not below or gap shrinks)")
+    if below in ("below", "absent") or grows in ("below", "absent"):
+        return Verdict(name, "not reproduced", text + " (no gap, or it does not grow)")
     return Verdict(name, "inconclusive", text + " (a part is within noise)")
 
 
@@ -138,6 +141,8 @@ def claim2(t: pd.DataFrame, n: int) -> Verdict:
         text += f"; f{f} closes {100 * closed[f]:.0f}%"
     tighter = compare(t, f"complete_n{n}", f"dec-phase-1_f0.25_n{n}")
     text += f"; exact (f=0) - f0.25: {_fmt(*tighter)}"
+    if not all(map(math.isfinite, closed.values())) or relation(*tighter) == "unknown":
+        return Verdict(name, "inconclusive", text + " (controlled runs missing)")
     if min(closed.values()) >= 0.5 and relation(*tighter) != "above":
         return Verdict(name, "reproduced", text + " (both close >= 50%, exact adds no clear gain)")
     if max(closed.values()) < 0.5 and relation(*tighter) == "above":
@@ -199,14 +204,14 @@ def claim5(t: pd.DataFrame, n: int) -> Verdict:
                        "generalization)")  # fmt: skip
     if relation(*lb) == "above" and abs(sb[0]) < lb[0]:
         return Verdict(name, "reproduced", text)
-    if relation(*lb) == "below":
-        return Verdict(name, "not reproduced", text + " (C-SGD clearly better at large batch)")
+    if relation(*lb) in ("below", "absent"):
+        return Verdict(name, "not reproduced", text + " (D-SGD not better at large batch)")
     return Verdict(name, "inconclusive", text + " (rule: large clearly above, |small| < large)")
 
 
 def claim6(stats: pd.DataFrame, t: pd.DataFrame, n: int) -> list[Verdict]:
     checked, bad = int(stats["bound_checked"].sum()), int(stats["bound_violations"].sum())
-    text = f"{checked} logged (exact, bound) pairs on static graphs, {bad} with exact > bound"
+    text = f"{checked} logged pairs (exact > 0, bound) on static graphs, {bad} with exact > bound"
     a = Verdict(
         "6a: the estimate's bound holds through training",
         "inconclusive" if not checked else "not reproduced" if bad else "reproduced",
@@ -240,117 +245,3 @@ def contraction_rounds(name: str, n: int, factor: float = 0.01, limit: int = 10_
         if np.linalg.norm(prod - j, 2) ** 2 <= factor:
             return t + 1
     return None
-
-
-# ------------------------------------------------------------------- output
-
-
-def _plots(runs: Sequence[Run], out: str) -> dict[str, str]:
-    """PNG per claim from seed-0 runs; returns claim -> markdown image lines."""
-    os.makedirs(out, exist_ok=True)
-    first = {cell_of(r): r for r in runs if r.config.get("run", {}).get("seed") == 0}
-    pick = lambda pattern: [r for c, r in first.items() if re.fullmatch(pattern, c)]  # noqa: E731
-    groups = {
-        "1": ("claim1_acc", plot_test_acc, r"(ring|complete)_n\d+"),
-        "2": ("claim2_acc", plot_test_acc, r"(complete|dec-phase-1_.*)_n\d+"),
-        "3": ("claim3_acc", plot_test_acc, r"(complete|ring|dec-phase-2_.*)_n\d+"),
-        "4": ("claim4_rounds", plot_rounds, r"(guideline|whole)_.*"),
-        "5": ("claim5_acc", plot_test_acc, r"(lb|sb)_.*"),
-        "6b": ("claim6_rounds", plot_rounds, r"adaptive_.*"),
-    }
-    md: dict[str, str] = {}
-    for claim, (stem, plot, pattern) in groups.items():
-        if chosen := pick(pattern):
-            plot(chosen, os.path.join(out, f"{stem}.png"))
-            md[claim] = f"![{stem}](study/{stem}.png)\n"
-    refs = pick(r"ring_n\d+")
-    if refs:
-        ring = max(refs, key=lambda r: r.world_size or 0)
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        s = ring.steps
-        ax.plot(s["step"], s["consensus_bound"], lw=1, label="bound e²/(1-λ₂)²")
-        ax.plot(s["step"], s["consensus_estimate"], lw=1, label="estimate e²")
-        m = np.isfinite(s["consensus_exact"].to_numpy(float))
-        ax.plot(s["step"][m], s["consensus_exact"][m], "o", ms=3, label="exact Ξ²")
-        ax.set(yscale="log", xlabel="step", title=f"{ring.name}: consensus distance")
-        ax.legend(fontsize=8)
-        fig.savefig(os.path.join(out, "claim6_bound.png"), dpi=100)
-        md["6a"] = "![claim6_bound](study/claim6_bound.png)\n"
-    return md
-
-
-def _cells_md(t: pd.DataFrame, cells: Sequence[str]) -> str:
-    rows = [c for c in cells if c in t.index]
-    if not rows:
-        return ""
-    shown = pd.DataFrame({
-        "cell": rows, "seeds": [int(t.loc[c, "seeds"]) for c in rows],
-        "final acc %": [pm(t.loc[c, "acc_mean"], t.loc[c, "acc_std"], scale=1) for c in rows],
-        "gossip rounds": [("" if t.loc[c, "exact_totals"] else "~") + f"{t.loc[c, 'rounds']:,.0f}"
-                          for c in rows],
-        "MB sent (rank 0)": [f"{t.loc[c, 'bytes'] / 1e6:,.1f}" for c in rows],
-        "rounds/step": [f"{t.loc[c, 'rounds_per_step']:.2f}" for c in rows],
-    })  # fmt: skip
-    return shown.to_markdown(index=False, disable_numparse=True) + "\n"
-
-
-def results(runs: Sequence[Run], out: str, note: str = "") -> str:
-    """Write OUT/RESULTS.md (and OUT/study/*.png); returns the markdown."""
-    stats = pd.DataFrame([run_stats(r) for r in runs])
-    t = cell_table(stats)
-    n = max(_sizes(t) or [int(stats["n"].max())])
-    verdicts = [claim1(t), claim2(t, n), claim3(t, n), claim4(t, n), claim5(t, n),
-                *claim6(stats, t, n)]  # fmt: skip
-    cells = {
-        "1": [f"{k}_n{m}" for m in _sizes(t) for k in ("ring", "complete")],
-        "2": [
-            f"{c}_n{n}"
-            for c in ("complete", "dec-phase-1_none", "dec-phase-1_f0.5", "dec-phase-1_f0.25")
-        ],  # fmt: skip
-        "3": [f"{c}_n{n}" for c in ("complete", "ring", "dec-phase-2_none", "dec-phase-2_f0.5")],
-        "4": [f"{c}_n{n}" for c in ("complete", "guideline_f0.25", "whole_f0.25")],
-        "5": [f"{c}_n{n}" for c in ("sb_ring", "sb_complete", "lb_ring", "lb_complete")],
-        "6b": [f"adaptive_{c}_n{n}" for c in ("ring", "onepeer")],
-    }
-    images = _plots(runs, os.path.join(out, "study"))
-    md = ["# Consensus-control study: results\n", __doc__.split("\n\n", 2)[2].strip() + "\n"]
-    md += [note + "\n"] if note else []
-    md += ["| claim | verdict |", "|---|---|"]
-    md += [f"| {v.claim} | **{v.verdict}** |" for v in verdicts]
-    for v in verdicts:
-        key = v.claim.split(":")[0]
-        md += [f"\n## Claim {v.claim}\n", _cells_md(t, cells.get(key, [])), images.get(key, "")]
-        md += [f"**Verdict: {v.verdict}.** {v.reason}\n"]
-    per_run = stats[["run", "n", "topology", "acc", "rounds", "bytes", "finished"]].assign(
-        acc=100 * stats["acc"], bytes=stats["bytes"] / 1e6
-    )
-    md += ["\n## Every run\n", "Final accuracy %, whole-run gossip rounds, MB sent by rank 0.\n",
-           per_run.to_markdown(index=False, floatfmt=".2f")]  # fmt: skip
-    text = "\n".join(md) + "\n"
-    with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as fh:
-        fh.write(text)
-    stats.to_csv(os.path.join(out, "study", "runs.csv"), index=False)
-    return text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from dsgd_mpi.analyze import read_runs
-
-    parser = argparse.ArgumentParser(prog="python -m dsgd_mpi.analysis.claims")
-    parser.add_argument("files", nargs="+", metavar="RUN.h5")
-    parser.add_argument("--out", default="docs", help="directory of RESULTS.md (default docs)")
-    parser.add_argument("--note", default="", help="a line for the top (e.g. the wall time)")
-    args = parser.parse_args(argv)
-    runs = read_runs(args.files)
-    if not runs:
-        print("error: none of the files could be read", file=sys.stderr)
-        return 2
-    results(runs, args.out, args.note)
-    print(f"wrote {os.path.join(args.out, 'RESULTS.md')} from {len(runs)} runs")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
