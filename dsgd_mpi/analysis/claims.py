@@ -53,6 +53,10 @@ def run_stats(run: Run) -> dict:
     checked = np.isfinite(bound) & (np.nan_to_num(exact) > 0)  # exact phases: 0 <= anything
     comm = s["gossip_rounds"].to_numpy(float) > 0
     est, target = s["consensus_estimate"].to_numpy(float), s["target"].to_numpy(float)
+    # lr stages (between the decays), the same for every cell whatever its consensus phases
+    epochs, ms = run.config.get("run", {}).get("epochs", 1), run.config.get("optim", {})
+    bounds = [m * epochs + 1e-9 for m in ms.get("milestones", [])]
+    stage = np.searchsorted(bounds, s["epoch"].to_numpy(float), side="left")
     return {
         "run": run.name, "cell": cell_of(run), "seed": run.config.get("run", {}).get("seed"),
         "n": run.world_size, "topology": run.topology, "finished": run.finished,
@@ -62,7 +66,7 @@ def run_stats(run: Run) -> dict:
         "rounds_per_step": float(s["gossip_rounds"][comm].mean()) if comm.any() else math.nan,
         "met": float(np.mean(est[comm] <= target[comm])) if comm.any() else math.nan,
         "mean_exact": _mean(exact),
-        "exact_p1": _mean(exact[s["phase"].to_numpy() == 0]),
+        **{f"exact_p{k + 1}": _mean(exact[stage == k]) for k in range(3)},
         "bound_checked": int(checked.sum()),
         "bound_violations": int(np.sum(exact[checked] > bound[checked] * (1 + 1e-6) + 1e-12)),
     }  # fmt: skip
@@ -79,6 +83,7 @@ def cell_table(stats: pd.DataFrame) -> pd.DataFrame:
                 rounds=("rounds", "mean"), bytes=("bytes", "mean"),
                 rounds_per_step=("rounds_per_step", "mean"), met=("met", "mean"),
                 mean_exact=("mean_exact", "mean"), exact_p1=("exact_p1", "mean"),
+                exact_p2=("exact_p2", "mean"), exact_p3=("exact_p3", "mean"),
                 exact_totals=("exact_totals", "all"))  # fmt: skip
     return out
 

@@ -72,9 +72,13 @@ def cells_markdown(t: pd.DataFrame, cells: Sequence[str]) -> str:
                           for c in rows],
         "MB sent (rank 0)": [f"{t.loc[c, 'bytes'] / 1e6:,.1f}" for c in rows],
         "rounds/step": [f"{t.loc[c, 'rounds_per_step']:.2f}" for c in rows],
-        "mean exact Ξ² phase 1": [f"{t.loc[c, 'exact_p1']:.3g}" for c in rows],
+        "mean exact Ξ² by lr stage": [_stages(t.loc[c]) for c in rows],
     })  # fmt: skip
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def _stages(row: pd.Series) -> str:
+    return " / ".join(f"{row[f'exact_p{k}']:.2g}" for k in (1, 2, 3)).replace("nan", "–")
 
 
 def setup_table(runs: Sequence[Run]) -> pd.DataFrame:
@@ -124,7 +128,8 @@ def results(runs: Sequence[Run], out: str, note: str = "") -> str:
         md += [f"**Verdict: {v.verdict}.** {v.reason}\n"]
     md += ["\n## Setup\n", "One row per cell: ranks x batch per rank, epochs, peak lr (linear "
            "scaling), consensus phases. Control targets act on the estimate e²; the tables' "
-           "'mean exact Ξ² phase 1' shows what that did to the exact distance.\n",
+           "'mean exact Ξ² by lr stage' (between the decays) shows what that did to the exact "
+           "distance.\n",
            setup_table(runs).to_markdown(index=False) + "\n"]  # fmt: skip
     per_run = stats[["run", "n", "topology", "acc", "rounds", "bytes", "finished"]].assign(
         acc=100 * stats["acc"], bytes=stats["bytes"] / 1e6
