@@ -48,6 +48,8 @@ def bench_gossip(
     x = allocate(numel)
     x.normal_(generator=torch.Generator().manual_seed(comm.Get_rank()))
     gossiper = Gossiper(comm, topology, x, chunk=chunk)
+    # The same rounds without overlap (blocking Sendrecv per chunk), for comparison.
+    blocking = Gossiper(comm, topology, x.clone(), chunk=chunk, overlap=False)
     bare_x = allocate(numel)
     bare_recv = [allocate(numel) for _ in range(max(1, topology.degree))]
     reducer = mpi.ScalarReducer(comm)
@@ -63,14 +65,15 @@ def bench_gossip(
         estimate = reducer.sum(1.0) / topology.n
         _ = estimate <= 0.5
 
-    for fn in (gossiper.round, bare, control):  # warm up buffers and connections
+    for fn in (gossiper.round, blocking.round, bare, control):  # warm up buffers, connections
         fn()
-    g, b, c = [], [], []
-    for _ in range(blocks):  # interleave so that machine noise hits both alike
+    g, gb, b, c = [], [], [], []
+    for _ in range(blocks):  # interleave so that machine noise hits all alike
         g.append(_timed(comm, reducer, gossiper.round, rounds))
+        gb.append(_timed(comm, reducer, blocking.round, rounds))
         b.append(_timed(comm, reducer, bare, rounds))
         c.append(_timed(comm, reducer, control, rounds))
-    gossip_s, bare_s, control_s = (statistics.median(v) for v in (g, b, c))
+    gossip_s, blocking_s, bare_s, control_s = (statistics.median(v) for v in (g, gb, b, c))
     return {
         "bench": "gossip",
         "topology": topology.name,
@@ -82,6 +85,8 @@ def bench_gossip(
         "gossip_s": gossip_s,
         "bare_sendrecv_s": bare_s,
         "ratio": gossip_s / bare_s if bare_s > 0 else float("nan"),
+        "gossip_blocking_s": blocking_s,
+        "ratio_blocking": blocking_s / bare_s if bare_s > 0 else float("nan"),
         "control_s": control_s,
         "control_over_round": control_s / gossip_s if gossip_s > 0 else float("nan"),
         "bytes_per_round": gossiper.bytes_last_round,

@@ -39,6 +39,21 @@ def sendrecv(
     comm.Sendrecv(_buf(sendbuf), dest, tag, _buf(recvbuf), source, tag)
 
 
+def start_exchange(
+    comm: MPI.Comm, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0
+) -> list[MPI.Request]:
+    """Nonblocking :func:`sendrecv`: post the receive and the send; finish with
+    :func:`wait_all`. Neither buffer may be touched until then."""
+    return [
+        comm.Irecv(_buf(recvbuf), source, tag),
+        comm.Isend(_buf(sendbuf), dest, tag),
+    ]
+
+
+def wait_all(requests: list[MPI.Request]) -> None:
+    MPI.Request.Waitall(requests)
+
+
 def allreduce_sum(comm: MPI.Comm, sendbuf: Any, recvbuf: Any) -> None:
     """Elementwise sum of ``sendbuf`` over ranks into ``recvbuf``."""
     comm.Allreduce(_buf(sendbuf), _buf(recvbuf), op=MPI.SUM)

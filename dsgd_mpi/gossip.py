@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from dsgd_mpi import comm as mpi
+from dsgd_mpi import mixing
 from dsgd_mpi.topology import Topology
 
 DeviceBuffers = Literal["auto", "on", "off"]
@@ -57,6 +58,7 @@ class Gossiper:
         device_buffers: DeviceBuffers = "auto",
         chunk: int = DEFAULT_CHUNK,
         t: int = 0,
+        overlap: bool = True,
     ) -> None:
         if flat.dtype != torch.float32 or flat.dim() != 1 or not flat.is_contiguous():
             raise ValueError("gossip needs one contiguous 1-D float32 buffer")
@@ -85,9 +87,15 @@ class Gossiper:
             self.host = flat
         peers = 1 if topology.is_allreduce else max(1, topology.degree)
         size = flat.numel() if self.direct else self.chunk
-        self._recv = [
-            torch.empty(size, dtype=torch.float32, device=self.host.device) for _ in range(peers)
+        self.overlap = overlap
+        # Two sets of receive buffers when overlapping: chunk c arrives in one set
+        # while chunk c-1 is mixed from the other.
+        sets = 2 if overlap and not self.direct else 1
+        self._recv_sets = [
+            [torch.empty(size, dtype=torch.float32, device=self.host.device) for _ in range(peers)]
+            for _ in range(sets)
         ]
+        self._recv = self._recv_sets[0]
         self._diff = torch.empty(size, dtype=torch.float32, device=self.host.device)
         self.bytes_last_round = 0
 
@@ -130,7 +138,8 @@ class Gossiper:
         self.bytes_last_round = 4 * n * len(exchanges)
         if not exchanges:  # e.g. the rank that sits out an odd random matching
             return 0.0
-        weight_sum = sum(e.weight for e in exchanges)
+        if self.overlap:
+            return self._mix_overlapped(exchanges)
         total = 0.0
         for start in range(0, n, self.chunk):
             x = x_all[start : start + self.chunk]
@@ -138,7 +147,30 @@ class Gossiper:
             for k, e in enumerate(exchanges):
                 mpi.sendrecv(self.comm, x, e.send_to, self._recv[k][:m], e.recv_from, tag=k)
             received = [r[:m] for r in self._recv[: len(exchanges)]]
-            total += self._accumulate(x, received, exchanges, weight_sum)
+            total += self._accumulate(x, received, exchanges)
+        return total
+
+    def _mix_overlapped(self, exchanges) -> float:
+        """Post chunk c's exchanges, mix chunk c-1 meanwhile, then wait for chunk c.
+
+        With ranks sharing cores, a rank that waits for a peer spins in MPI's
+        polling; here it mixes the previous chunk instead. Chunk c-1 is mixed in
+        place only after its sends completed; chunk c's sends read other memory.
+        """
+        x_all, n = self.host, self.host.numel()
+        total, pending = 0.0, None
+        for c, start in enumerate(range(0, n, self.chunk)):
+            x = x_all[start : start + self.chunk]
+            m = x.numel()
+            received = [r[:m] for r in self._recv_sets[c % 2][: len(exchanges)]]
+            requests = []
+            for k, (e, r) in enumerate(zip(exchanges, received, strict=True)):
+                requests += mpi.start_exchange(self.comm, x, e.send_to, r, e.recv_from, tag=k)
+            if pending is not None:
+                total += self._accumulate(*pending, exchanges)
+            mpi.wait_all(requests)
+            pending = (x, received)
+        total += self._accumulate(*pending, exchanges)
         return total
 
     def _mix_whole(self, t: int) -> float:
@@ -158,14 +190,9 @@ class Gossiper:
         for k, e in enumerate(exchanges):
             mpi.sendrecv(self.comm, x, e.send_to, self._recv[k], e.recv_from, tag=k)
         received = self._recv[: len(exchanges)]
-        return self._accumulate(x, received, exchanges, sum(e.weight for e in exchanges))
+        return self._accumulate(x, received, exchanges)
 
-    def _accumulate(self, x, received, exchanges, weight_sum: float) -> float:
-        """``d = sum_k w_k r_k - (sum_k w_k) x``; ``x += d``; return ``||d||^2``."""
-        d = self._diff[: x.numel()]
-        torch.mul(received[0], exchanges[0].weight, out=d)
-        for r, e in zip(received[1:], exchanges[1:], strict=True):
-            d.add_(r, alpha=e.weight)
-        d.add_(x, alpha=-weight_sum)
-        x.add_(d)
-        return float(torch.dot(d, d))
+    def _accumulate(self, x, received, exchanges) -> float:
+        """``d = sum_k w_k r_k - (sum_k w_k) x``; ``x += d``; return ``||d||^2`` (fused)."""
+        weights = [e.weight for e in exchanges]
+        return mixing.accumulate(x, received, weights, self._diff[: x.numel()])

@@ -85,8 +85,7 @@ class Trainer:
         """Train to the end (returns the last evaluation) or until a stop signal (None)."""
         for images, labels in self._remaining_batches():
             self.train_step(images, labels)
-            if self.step % self.spe == 0 or self.step == self.total_steps:
-                self._maybe_evaluate()
+            self._maybe_evaluate()
             save, stop = self.checkpoints.due(self.step, final=self.step == self.total_steps)
             if save:
                 self.save_checkpoint()
@@ -127,6 +126,7 @@ class Trainer:
                 yield batch
 
     def _maybe_evaluate(self) -> None:
+        """At the end of every ``eval_every``-th epoch, and at the end of the run."""
         every = max(1, round(self.cfg.metrics.eval_every))
         epoch_due = self.step % self.spe == 0 and (self.step // self.spe) % every == 0
         if epoch_due or self.step == self.total_steps:
