@@ -7,20 +7,29 @@ processes, a bare mpi4py ``Sendrecv`` of the same bytes to the same peers (the
 MPI limit here), and reports the ratio. It also times the consensus-control
 overhead: one scalar ``Allreduce`` plus the loop's bookkeeping, as a fraction
 of a gossip round. Times are per round, the slowest rank's, median over blocks.
+
+    mpiexec -n 4 python -m mpi4py -m dsgd_mpi.bench step --model small_cnn --batch 32 --json
+
+``step`` times whole training steps on random inputs: the local update alone,
+the update plus one gossip round (D-SGD), and the update plus an all-reduce
+average (C-SGD), interleaved in the same processes; it reports the share of a
+D-SGD step spent communicating and the C-SGD / D-SGD step-time ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from dsgd_mpi import comm as mpi
-from dsgd_mpi.flat import allocate
+from dsgd_mpi.flat import allocate, flatten
 from dsgd_mpi.gossip import DEFAULT_CHUNK, Gossiper
 from dsgd_mpi.topology import NAMES, Topology, TopologyError
 
@@ -94,6 +103,69 @@ def bench_gossip(
     }
 
 
+MODEL_INPUTS = {"small_cnn": (1, 28), "mlp": (1, 28), "resnet20": (3, 32)}
+
+
+def bench_step(
+    comm, topology: Topology, model_name: str, batch: int, steps: int, blocks: int
+) -> dict:
+    from dsgd_mpi.models import build_model  # torchvision import: only for this benchmark
+
+    rank, n = comm.Get_rank(), comm.Get_size()
+    channels, size = MODEL_INPUTS[model_name]
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=10, in_channels=channels, width=1,
+                        image_size=size)  # fmt: skip
+    flat, _ = flatten(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    images = torch.randn(batch, channels, size, size, generator=g)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    gossiper = Gossiper(comm, topology, flat)
+    averager = Gossiper(comm, Topology("complete", n), flat)
+    reducer = mpi.ScalarReducer(comm)
+
+    def update() -> None:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def dsgd() -> None:
+        update()
+        reducer.sum(gossiper.round())  # the consensus estimate, as the trainer does
+
+    def csgd() -> None:
+        update()
+        averager.round()
+
+    for fn in (update, dsgd, csgd):  # warm up
+        fn()
+    u, d, c = [], [], []
+    for _ in range(blocks):
+        u.append(_timed(comm, reducer, update, steps))
+        d.append(_timed(comm, reducer, dsgd, steps))
+        c.append(_timed(comm, reducer, csgd, steps))
+    update_s, dsgd_s, csgd_s = (statistics.median(v) for v in (u, d, c))
+    return {
+        "bench": "step",
+        "model": model_name,
+        "params": flat.numel(),
+        "topology": topology.name,
+        "n": n,
+        "batch_per_rank": batch,
+        "steps": steps,
+        "blocks": blocks,
+        "update_s": update_s,
+        "dsgd_step_s": dsgd_s,
+        "csgd_step_s": csgd_s,
+        "dsgd_comm_share": max(0.0, dsgd_s - update_s) / dsgd_s,
+        "csgd_over_dsgd": csgd_s / dsgd_s,
+        "threads": torch.get_num_threads(),
+        "mpi": mpi.library_version(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dsgd_mpi.bench", description=__doc__.splitlines()[0]
@@ -107,7 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="floats per pipelined chunk")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    st = sub.add_parser("step", help="training step: update alone, + gossip (D-SGD), + all-reduce")
+    st.add_argument("--model", default="small_cnn", choices=sorted(MODEL_INPUTS))
+    st.add_argument("--batch", type=int, default=32, help="samples per rank")
+    st.add_argument("--topology", default="ring", help=f"one of {', '.join(NAMES)}")
+    st.add_argument("--steps", type=int, default=10, help="steps per block")
+    st.add_argument("--blocks", type=int, default=5)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.what == "step":
+        return _main_step(args)
 
     comm = mpi.WORLD
     if args.numel <= 0:
@@ -121,13 +203,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rounds = args.rounds or max(5, min(200, 50_000_000 // args.numel))
     result = bench_gossip(comm, topology, args.numel, rounds, args.blocks, args.chunk)
+    _report(comm, result, args.json)
+    return 0
+
+
+def _main_step(args: argparse.Namespace) -> int:
+    comm = mpi.WORLD
+    for name in ("batch", "steps", "blocks"):
+        if getattr(args, name) <= 0:
+            return _fail(comm, f"--{name} must be positive, got {getattr(args, name)}")
+    try:
+        topology = Topology(args.topology, comm.Get_size(), seed=args.seed)
+    except TopologyError as exc:
+        return _fail(comm, str(exc))
+    local_rank, local_size = mpi.node_local(comm)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    result = bench_step(comm, topology, args.model, args.batch, args.steps, args.blocks)
+    _report(comm, result, args.json)
+    return 0
+
+
+def _report(comm, result: dict, as_json: bool) -> None:
     if comm.Get_rank() == 0:
-        if args.json:
+        if as_json:
             print(json.dumps(result))
         else:
             for key, value in result.items():
                 print(f"{key:>20}: {value}")
-    return 0
 
 
 def _fail(comm, message: str) -> int:

@@ -271,7 +271,7 @@ class MetricsConfig:
     exact_every: NonNegInt = 0
     """Measure the exact consensus distance every this many steps (0 = never)."""
     eval_every: PosFloat = 1.0
-    """Evaluate the averaged and local models every this many epochs."""
+    """Evaluate the averaged and local models every this many epochs (fractions allowed)."""
     flush_every: PosInt = 50
     """Flush logged rows to the HDF5 file every this many steps."""
 

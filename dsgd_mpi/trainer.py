@@ -126,10 +126,9 @@ class Trainer:
                 yield batch
 
     def _maybe_evaluate(self) -> None:
-        """At the end of every ``eval_every``-th epoch, and at the end of the run."""
-        every = max(1, round(self.cfg.metrics.eval_every))
-        epoch_due = self.step % self.spe == 0 and (self.step // self.spe) % every == 0
-        if epoch_due or self.step == self.total_steps:
+        """Every ``eval_every`` epochs (fractions allowed, as steps), and at the end of the run."""
+        every = max(1, round(self.cfg.metrics.eval_every * self.spe))
+        if self.step % every == 0 or self.step == self.total_steps:
             self.evaluate(schedule.step_epoch(self.step - 1, self.spe))
 
     # -- checkpoints -----------------------------------------------------------

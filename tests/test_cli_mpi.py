@@ -63,3 +63,16 @@ def test_bench_bad_input_exits_2_with_a_message(args, message):
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.mpi
+def test_bench_step_times_update_dsgd_and_csgd_steps():
+    args = ["-m", "dsgd_mpi.bench", "step", "--model", "small_cnn", "--batch", "8",
+            "--steps", "2", "--blocks", "2", "--json"]  # fmt: skip
+    result = json.loads(check_ranks(2, args, timeout=180))
+    assert result["model"] == "small_cnn" and result["n"] == 2 and result["params"] == 18_378
+    assert 0 < result["update_s"] and 0 < result["dsgd_step_s"] and 0 < result["csgd_step_s"]
+    assert 0 <= result["dsgd_comm_share"] < 1
+    assert result["csgd_over_dsgd"] == pytest.approx(result["csgd_step_s"] / result["dsgd_step_s"])
+    bad = run_ranks(2, ["-m", "dsgd_mpi.bench", "step", "--batch", "0"], timeout=120)
+    assert bad.returncode == 2 and "--batch must be positive" in bad.stderr

@@ -20,6 +20,8 @@ from dsgd_mpi.analysis.load import Run
 
 MAX_SUBPLOTS = 6
 """Above this many runs, consensus.png overlays all runs on one axis."""
+MAX_LEGEND = 12
+"""Above this many runs a legend would cover the plot: it is left out and the title says so."""
 
 
 def labels(runs: Sequence[Run]) -> list[str]:
@@ -41,6 +43,15 @@ def _figure(nplots: int, width: float = 5.0, height: float = 3.4) -> tuple[Figur
     for ax in axes[nplots:]:
         ax.set_visible(False)
     return fig, axes[:nplots]
+
+
+def _legend(ax, runs: Sequence[Run], title: str, **kwargs) -> None:
+    if len(runs) <= MAX_LEGEND:
+        ax.set_title(title)
+        ax.legend(**kwargs)
+    else:
+        ax.set_title(f"{title}: {len(runs)} runs (no legend; pass fewer files to label them)",
+                     fontsize=9)  # fmt: skip
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -99,8 +110,7 @@ def plot_consensus(runs: Sequence[Run], path: str) -> str:
         for i, (run, name) in enumerate(zip(runs, names, strict=True)):
             arrays += _consensus_lines(ax, run, name, color=f"C{i % 10}")
         _log_if_positive(ax, *arrays)
-        ax.set_title("consensus distance")
-        ax.legend(fontsize=6, ncol=2)
+        _legend(ax, runs, "consensus distance", fontsize=6, ncol=2)
         ax.set_xlabel("step")
         return _save(fig, path)
     fig, axes = _figure(len(runs))
@@ -128,7 +138,7 @@ def plot_test_acc(runs: Sequence[Run], path: str) -> str:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy of x̄ (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, runs, "test accuracy", fontsize=7)
     return _save(fig, path)
 
 
@@ -140,5 +150,5 @@ def plot_rounds(runs: Sequence[Run], path: str) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("gossip rounds (logged step)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, runs, "gossip rounds per step", fontsize=7)
     return _save(fig, path)
