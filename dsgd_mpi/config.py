@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from dsgd_mpi.config_reference import reference
 from dsgd_mpi.schema import (
     _ADAPTER,
     CheckpointConfig,
@@ -49,7 +50,6 @@ from dsgd_mpi.schema import (
     _fmt,
     _inner,
     _Invalid,
-    reference,
 )
 from dsgd_mpi.topology import Topology, TopologyError
 

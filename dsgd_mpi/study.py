@@ -46,14 +46,19 @@ def read_plan(path: str) -> list[Entry]:
     return [Entry(words[0], tuple(words[1:])) for words in lines]
 
 
-def done_before(entry: Entry) -> str | None:
+def _resolved(entry: Entry) -> config_mod.Config | None:
+    try:
+        return config_mod.load_config(entry.config, list(entry.overrides))
+    except ConfigError:
+        return None  # run_config reports it
+
+
+def done_before(cfg: config_mod.Config | None) -> str | None:
     """The HDF5 path if this exact run already finished there, else None (rank 0)."""
     import h5py
 
-    try:
-        cfg = config_mod.load_config(entry.config, list(entry.overrides))
-    except ConfigError:
-        return None  # run_config reports it
+    if cfg is None:
+        return None
     path = os.path.join(cfg.run.out_dir, f"{cfg.run.name}.h5")
     try:
         with h5py.File(path, "r", locking=False) as f:
@@ -63,12 +68,8 @@ def done_before(entry: Entry) -> str | None:
         return None
 
 
-def log_path(entry: Entry) -> str | None:
-    try:
-        cfg = config_mod.load_config(entry.config, list(entry.overrides))
-    except ConfigError:
-        return None
-    return os.path.join(cfg.run.out_dir, f"{cfg.run.name}.log")
+def log_path(cfg: config_mod.Config | None) -> str | None:
+    return None if cfg is None else os.path.join(cfg.run.out_dir, f"{cfg.run.name}.log")
 
 
 def run_plan(comm: mpi.Comm, entries: list[Entry], force: bool = False) -> int:
@@ -78,12 +79,13 @@ def run_plan(comm: mpi.Comm, entries: list[Entry], force: bool = False) -> int:
     start = time.perf_counter()
     for i, entry in enumerate(entries, start=1):
         what = " ".join([entry.config, *entry.overrides])
-        skip = comm.bcast(None if force or rank else done_before(entry), root=0)
+        cfg = _resolved(entry) if rank == 0 else None  # rank 0 reads files; the rest follow
+        skip = comm.bcast(None if force or rank else done_before(cfg), root=0)
         if skip:
             say(f"[{i}/{len(entries)}] skip (finished, same config): {skip}", flush=True)
             continue
         t0 = time.perf_counter()
-        logfile = log_path(entry) if rank == 0 else None
+        logfile = log_path(cfg)
         with _redirected(logfile):
             status = guarded(comm, lambda e=entry: run_config(comm, e.config, list(e.overrides)))
         took = time.perf_counter() - t0
