@@ -4,9 +4,12 @@
 
 ``gossip`` times one Gossiper round and, interleaved with it in the same
 processes, a bare mpi4py ``Sendrecv`` of the same bytes to the same peers (the
-MPI limit here), and reports the ratio. It also times the consensus-control
-overhead: one scalar ``Allreduce`` plus the loop's bookkeeping, as a fraction
-of a gossip round. Times are per round, the slowest rank's, median over blocks.
+MPI limit here), and reports the ratio. Beside them, the round split in two:
+``exchange_s``, the Gossiper's own messages without the arithmetic, and
+``mix_s``, the arithmetic without messages (all ranks at once). It also times
+the consensus-control overhead: one scalar ``Allreduce`` plus the loop's
+bookkeeping, as a fraction of a gossip round. Times are per round, the slowest
+rank's, median over blocks.
 
     mpiexec -n 4 python -m mpi4py -m dsgd_mpi.bench step --model small_cnn --batch 32 --json
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dsgd_mpi import comm as mpi
+from dsgd_mpi import mixing
 from dsgd_mpi.flat import allocate, flatten
 from dsgd_mpi.gossip import DEFAULT_CHUNK, Gossiper
 from dsgd_mpi.topology import NAMES, Topology, TopologyError
@@ -54,13 +58,23 @@ def _timed(comm, reducer: mpi.ScalarReducer, fn, rounds: int) -> float:
 def bench_gossip(
     comm, topology: Topology, numel: int, rounds: int, blocks: int, chunk: int
 ) -> dict:
-    x = allocate(numel)
-    x.normal_(generator=torch.Generator().manual_seed(comm.Get_rank()))
-    gossiper = Gossiper(comm, topology, x, chunk=chunk)
-    # The same rounds without overlap (blocking Sendrecv per chunk), for comparison.
-    blocking = Gossiper(comm, topology, x.clone(), chunk=chunk, overlap=False)
-    bare_x = allocate(numel)
-    bare_recv = [allocate(numel) for _ in range(max(1, topology.degree))]
+    rng = torch.Generator().manual_seed(comm.Get_rank())
+
+    def data() -> torch.Tensor:
+        # Real values in every buffer: a zeroed numpy array is the kernel's
+        # shared zero page until written, which reads from cache and would
+        # flatter whoever reads it.
+        return allocate(numel).normal_(generator=rng)
+
+    peers = max(1, topology.degree)
+    gossiper = Gossiper(comm, topology, data(), chunk=chunk)
+    # The Gossiper's own messages without the arithmetic, and the arithmetic
+    # without messages (every rank at once, as in a round): what each part costs.
+    split = not topology.is_allreduce and topology.n > 1
+    schedule = Gossiper(comm, topology, data(), chunk=chunk) if split else None
+    mix_x, mix_d, mix_recv = data(), data(), [data() for _ in range(peers)]
+    mix_weights = [1.0 / (peers + 1)] * peers
+    bare_x, bare_recv = data(), [data() for _ in range(peers)]
     reducer = mpi.ScalarReducer(comm)
     state = {"t": 0}
 
@@ -68,21 +82,33 @@ def bench_gossip(
         _bare_round(comm, topology, state["t"], bare_x, bare_recv)
         state["t"] += 1
 
+    def exchange() -> None:
+        if schedule is not None:
+            schedule.exchange()
+
+    def mix() -> None:
+        mixing.accumulate(mix_x, mix_recv, mix_weights, mix_d)
+
     def control() -> None:
         # What consensus control adds to a round: the scalar reduction and the
         # comparison with the target.
         estimate = reducer.sum(1.0) / topology.n
         _ = estimate <= 0.5
 
-    for fn in (gossiper.round, blocking.round, bare, control):  # warm up buffers, connections
+    fns = {"gossip": gossiper.round, "bare": bare, "exchange": exchange, "mix": mix,
+           "control": control}  # fmt: skip
+    for fn in fns.values():  # warm up buffers, connections, compiled kernels
         fn()
-    g, gb, b, c = [], [], [], []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(blocks):  # interleave so that machine noise hits all alike
-        g.append(_timed(comm, reducer, gossiper.round, rounds))
-        gb.append(_timed(comm, reducer, blocking.round, rounds))
-        b.append(_timed(comm, reducer, bare, rounds))
-        c.append(_timed(comm, reducer, control, rounds))
-    gossip_s, blocking_s, bare_s, control_s = (statistics.median(v) for v in (g, gb, b, c))
+        for name, fn in fns.items():
+            times[name].append(_timed(comm, reducer, fn, rounds))
+    gossip_s, bare_s, exchange_s, mix_s, control_s = (
+        statistics.median(times[name]) for name in fns
+    )
+    for g in (gossiper, schedule):
+        if g is not None:
+            g.close()
     return {
         "bench": "gossip",
         "topology": topology.name,
@@ -94,8 +120,8 @@ def bench_gossip(
         "gossip_s": gossip_s,
         "bare_sendrecv_s": bare_s,
         "ratio": gossip_s / bare_s if bare_s > 0 else float("nan"),
-        "gossip_blocking_s": blocking_s,
-        "ratio_blocking": blocking_s / bare_s if bare_s > 0 else float("nan"),
+        "exchange_s": exchange_s if split else None,
+        "mix_s": mix_s,
         "control_s": control_s,
         "control_over_round": control_s / gossip_s if gossip_s > 0 else float("nan"),
         "bytes_per_round": gossiper.bytes_last_round,

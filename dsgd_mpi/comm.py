@@ -54,6 +54,31 @@ def wait_all(requests: list[MPI.Request]) -> None:
     MPI.Request.Waitall(requests)
 
 
+def persistent_exchange(
+    comm: MPI.Comm, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0
+) -> list[MPI.Prequest]:
+    """A :func:`start_exchange` set up once and restarted every round with
+    :func:`start_all` / :func:`wait_all`: MPI matches the peers and buffers one
+    time instead of once per message. Release with :func:`free_all`."""
+    return [
+        comm.Recv_init(_buf(recvbuf), source, tag),
+        comm.Send_init(_buf(sendbuf), dest, tag),
+    ]
+
+
+def start_all(requests: list[MPI.Prequest]) -> None:
+    MPI.Prequest.Startall(requests)
+
+
+def free_all(requests: list[MPI.Prequest]) -> None:
+    """Release inactive persistent requests (MPICH warns about leftovers at exit)."""
+    if MPI.Is_finalized():
+        return
+    for r in requests:
+        if r != MPI.REQUEST_NULL:
+            r.Free()
+
+
 def allreduce_sum(comm: MPI.Comm, sendbuf: Any, recvbuf: Any) -> None:
     """Elementwise sum of ``sendbuf`` over ranks into ``recvbuf``."""
     comm.Allreduce(_buf(sendbuf), _buf(recvbuf), op=MPI.SUM)

@@ -9,13 +9,15 @@ the local ``||x_i' - x_i||^2`` so that the consensus estimate costs one scalar
 Allreduce. Because the weights of a row sum to one,
 ``x_i' - x_i = sum_j w_ij (x_j - x_i)``: only the difference is accumulated.
 
-CPU path: the buffer is exchanged and mixed chunk by chunk. Each chunk is sent
-to every peer of the round before it is overwritten, so updating in place is
-safe, and the mixing arithmetic runs while the chunk is still in cache — on a
-memory-bound machine this is what keeps a round close to a bare ``Sendrecv``.
-Every rank walks the same chunks and exchanges in the same order, and each
-exchange is a combined ``Sendrecv`` paired by the topology, so no ordering of
-ranks can deadlock.
+CPU path: the buffer is exchanged and mixed chunk by chunk. For each chunk the
+receives and sends of every peer are posted together, and the chunk is mixed
+as soon as they complete, while the received pieces are still in cache: on a
+memory-bound machine this saves a trip to memory per peer, so a round costs
+little more than the exchange alone. The requests are persistent (set up once
+per exchange pattern and restarted every round), so a round spends no Python
+or MPI matching work per message beyond a start and a wait. Every rank walks
+the same chunks in the same order and each chunk's requests are all posted
+before any wait, so no ordering of ranks can deadlock.
 
 Device path: with a CUDA-aware MPI the device buffer goes to MPI directly (after
 synchronizing the stream, since MPI does not know torch's streams); otherwise it
@@ -24,21 +26,54 @@ is staged through pinned host memory and mixed there.
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
+import numpy as np
 import torch
 
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import mixing
-from dsgd_mpi.topology import Topology
+from dsgd_mpi.flat import allocate
+from dsgd_mpi.topology import Exchange, Topology
 
 DeviceBuffers = Literal["auto", "on", "off"]
 
-#: 256 Ki floats (1 MiB per buffer). Measured on a 2-core EPYC (1 MiB L2, 32 MiB
-#: L3), mixing 11M floats took 30 / 20 / 16 / 21 ms with 16 Ki / 64 Ki / 256 Ki /
-#: unchunked pieces: small enough to stay in cache, large enough that the fixed
-#: cost of each Sendrecv and torch call does not dominate.
+#: 256 Ki floats (1 MiB per buffer). Measured on a 2-core EPYC (512 KiB L2 per
+#: core, 32 MiB L3), 4 ranks, ring, 11M floats: 64 Ki pieces were ~15 % slower
+#: than 256 Ki, 8-16 Ki pieces 2-3x slower (per-message cost); 256 Ki pieces
+#: still fit the shared L3 beside the peers' pieces.
 DEFAULT_CHUNK = 1 << 18
+
+
+class _Plan:
+    """Persistent requests and buffer views for one pattern of exchanges.
+
+    Time-varying topologies cycle through few patterns (log2 n for the
+    exponential graphs, at most n - 1 partners for a matching), so each is set
+    up once and kept.
+    """
+
+    def __init__(self, comm, x: np.ndarray, recv, scratch, exchanges, chunk: int) -> None:
+        self.weights = [e.weight for e in exchanges]
+        self.chunks = []
+        for start in range(0, x.size, chunk):
+            xc = x[start : start + chunk]
+            m = xc.size
+            received = [r[:m] for r in recv[: len(exchanges)]]
+            requests = []
+            for k, (e, r) in enumerate(zip(exchanges, received, strict=True)):
+                requests += mpi.persistent_exchange(comm, xc, e.send_to, r, e.recv_from, tag=k)
+            self.chunks.append((xc, received, scratch[:m], requests))
+
+    def requests(self) -> list:
+        return [r for *_, requests in self.chunks for r in requests]
+
+
+def _free_plans(plans: dict) -> None:
+    for plan in plans.values():
+        mpi.free_all(plan.requests())
+    plans.clear()
 
 
 class Gossiper:
@@ -58,7 +93,6 @@ class Gossiper:
         device_buffers: DeviceBuffers = "auto",
         chunk: int = DEFAULT_CHUNK,
         t: int = 0,
-        overlap: bool = True,
     ) -> None:
         if flat.dtype != torch.float32 or flat.dim() != 1 or not flat.is_contiguous():
             raise ValueError("gossip needs one contiguous 1-D float32 buffer")
@@ -87,17 +121,18 @@ class Gossiper:
             self.host = flat
         peers = 1 if topology.is_allreduce else max(1, topology.degree)
         size = flat.numel() if self.direct else self.chunk
-        self.overlap = overlap
-        # Two sets of receive buffers when overlapping: chunk c arrives in one set
-        # while chunk c-1 is mixed from the other.
-        sets = 2 if overlap and not self.direct else 1
-        self._recv_sets = [
-            [torch.empty(size, dtype=torch.float32, device=self.host.device) for _ in range(peers)]
-            for _ in range(sets)
-        ]
-        self._recv = self._recv_sets[0]
-        self._diff = torch.empty(size, dtype=torch.float32, device=self.host.device)
+        device = self.host.device
+        self._recv = [allocate(size, device) for _ in range(peers)]
+        self._diff = allocate(size, device)
+        self._plans: dict[tuple, _Plan] = {}
+        # Persistent requests must be freed before MPI_Finalize; close() does it
+        # early, this does it at garbage collection or interpreter exit.
+        self._finalizer = weakref.finalize(self, _free_plans, self._plans)
         self.bytes_last_round = 0
+
+    def close(self) -> None:
+        """Release the persistent MPI requests (also done at exit)."""
+        self._finalizer()
 
     @property
     def numel(self) -> int:
@@ -138,40 +173,38 @@ class Gossiper:
         self.bytes_last_round = 4 * n * len(exchanges)
         if not exchanges:  # e.g. the rank that sits out an odd random matching
             return 0.0
-        if self.overlap:
-            return self._mix_overlapped(exchanges)
         total = 0.0
-        for start in range(0, n, self.chunk):
-            x = x_all[start : start + self.chunk]
-            m = x.numel()
-            for k, e in enumerate(exchanges):
-                mpi.sendrecv(self.comm, x, e.send_to, self._recv[k][:m], e.recv_from, tag=k)
-            received = [r[:m] for r in self._recv[: len(exchanges)]]
-            total += self._accumulate(x, received, exchanges)
-        return total
-
-    def _mix_overlapped(self, exchanges) -> float:
-        """Post chunk c's exchanges, mix chunk c-1 meanwhile, then wait for chunk c.
-
-        With ranks sharing cores, a rank that waits for a peer spins in MPI's
-        polling; here it mixes the previous chunk instead. Chunk c-1 is mixed in
-        place only after its sends completed; chunk c's sends read other memory.
-        """
-        x_all, n = self.host, self.host.numel()
-        total, pending = 0.0, None
-        for c, start in enumerate(range(0, n, self.chunk)):
-            x = x_all[start : start + self.chunk]
-            m = x.numel()
-            received = [r[:m] for r in self._recv_sets[c % 2][: len(exchanges)]]
-            requests = []
-            for k, (e, r) in enumerate(zip(exchanges, received, strict=True)):
-                requests += mpi.start_exchange(self.comm, x, e.send_to, r, e.recv_from, tag=k)
-            if pending is not None:
-                total += self._accumulate(*pending, exchanges)
+        plan = self._plan(exchanges)
+        for x, received, scratch, requests in plan.chunks:
+            mpi.start_all(requests)
             mpi.wait_all(requests)
-            pending = (x, received)
-        total += self._accumulate(*pending, exchanges)
+            total += mixing.accumulate_numpy(x, received, plan.weights, scratch)
         return total
+
+    def exchange(self) -> None:
+        """The communication of one round alone: the same messages, no mixing.
+
+        For benchmarks (the MPI cost of the Gossiper's own schedule); leaves
+        the buffer unchanged. CPU, non-``complete`` topologies only.
+        """
+        t, self.t = self.t, self.t + 1
+        if self.topology.n == 1 or self.topology.is_allreduce or self.direct:
+            raise ValueError("exchange() times the chunked point-to-point path only")
+        exchanges = self.topology.exchanges(self.rank, t)
+        if exchanges:
+            for *_, requests in self._plan(exchanges).chunks:
+                mpi.start_all(requests)
+                mpi.wait_all(requests)
+
+    def _plan(self, exchanges: list[Exchange]) -> _Plan:
+        key = tuple((e.send_to, e.recv_from, e.weight) for e in exchanges)
+        plan = self._plans.get(key)
+        if plan is None:
+            recv = [r.numpy() for r in self._recv]
+            plan = _Plan(self.comm, self.host.numpy(), recv, self._diff.numpy(), exchanges,
+                         self.chunk)  # fmt: skip
+            self._plans[key] = plan
+        return plan
 
     def _mix_whole(self, t: int) -> float:
         """Device-direct path: whole-buffer exchanges, mixing on the device."""

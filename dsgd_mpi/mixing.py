@@ -60,6 +60,11 @@ if numba is not None:
         return acc
 
     @_jit
+    def _axpy(d, r, w):  # pragma: no cover - compiled
+        for i in range(d.size):
+            d[i] += w * r[i]
+
+    @_jit
     def _fused2p(x, r0, r1, p, w0, w1, ws):  # pragma: no cover - compiled
         acc = np.float32(0.0)
         for i in range(x.size):
@@ -78,16 +83,25 @@ def accumulate(
     """
     if numba is None or x.device.type != "cpu" or not received:
         return accumulate_torch(x, received, weights, d)
+    return accumulate_numpy(x.numpy(), [r.numpy() for r in received], weights, d.numpy())
+
+
+def accumulate_numpy(
+    x: np.ndarray, received: Sequence[np.ndarray], weights: Sequence[float], d: np.ndarray
+) -> float:
+    """:func:`accumulate` on float32 numpy arrays (the gossip hot path: no torch calls)."""
+    if numba is None:
+        t = torch.from_numpy
+        return accumulate_torch(t(x), [t(r) for r in received], weights, t(d))
     f = np.float32
-    xs = x.numpy()
-    rs = [r.numpy() for r in received]
     ws = f(sum(weights))
-    if len(rs) == 1:
-        return float(_fused1(xs, rs[0], f(weights[0]), ws))
-    if len(rs) == 2:
-        return float(_fused2(xs, rs[0], rs[1], f(weights[0]), f(weights[1]), ws))
-    # More peers (torus, exponential): fold the rest into d with torch, then one fused pass.
-    torch.mul(received[2], weights[2], out=d)
+    if len(received) == 1:
+        return float(_fused1(x, received[0], f(weights[0]), ws))
+    r0, r1 = received[0], received[1]
+    if len(received) == 2:
+        return float(_fused2(x, r0, r1, f(weights[0]), f(weights[1]), ws))
+    # More peers (torus, exponential): fold the rest into d, then one fused pass.
+    np.multiply(received[2], f(weights[2]), out=d)
     for r, w in zip(received[3:], weights[3:], strict=True):
-        d.add_(r, alpha=w)
-    return float(_fused2p(xs, rs[0], rs[1], d.numpy(), f(weights[0]), f(weights[1]), ws))
+        _axpy(d, r, f(w))
+    return float(_fused2p(x, r0, r1, d, f(weights[0]), f(weights[1]), ws))

@@ -47,6 +47,11 @@ def test_bench_reports_both_timings_and_their_ratio(topology):
     assert result["gossip_s"] > 0 and result["bare_sendrecv_s"] > 0
     assert result["ratio"] == pytest.approx(result["gossip_s"] / result["bare_sendrecv_s"])
     assert 0 < result["control_over_round"]
+    assert result["mix_s"] > 0
+    if topology == "complete":  # one Allreduce: no point-to-point schedule to split off
+        assert result["exchange_s"] is None
+    else:
+        assert result["exchange_s"] > 0
 
 
 @pytest.mark.mpi
