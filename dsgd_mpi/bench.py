@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--numel", type=int, default=270_000, help="floats in the buffer")
     g.add_argument("--rounds", type=int, default=0, help="rounds per block (0: auto from numel)")
     g.add_argument("--blocks", type=int, default=7)
-    g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="floats per pipelined chunk")
+    g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="floats per chunk")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     st = sub.add_parser("step", help="training step: update alone, + gossip (D-SGD), + all-reduce")
