@@ -82,10 +82,6 @@ def bench_gossip(
         _bare_round(comm, topology, state["t"], bare_x, bare_recv)
         state["t"] += 1
 
-    def exchange() -> None:
-        if schedule is not None:
-            schedule.exchange()
-
     def mix() -> None:
         mixing.accumulate(mix_x, mix_recv, mix_weights, mix_d)
 
@@ -95,17 +91,17 @@ def bench_gossip(
         estimate = reducer.sum(1.0) / topology.n
         _ = estimate <= 0.5
 
-    fns = {"gossip": gossiper.round, "bare": bare, "exchange": exchange, "mix": mix,
-           "control": control}  # fmt: skip
+    fns = {"gossip": gossiper.round, "bare": bare, "mix": mix, "control": control}
+    if schedule is not None:
+        fns["exchange"] = schedule.exchange
     for fn in fns.values():  # warm up buffers, connections, compiled kernels
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(blocks):  # interleave so that machine noise hits all alike
         for name, fn in fns.items():
             times[name].append(_timed(comm, reducer, fn, rounds))
-    gossip_s, bare_s, exchange_s, mix_s, control_s = (
-        statistics.median(times[name]) for name in fns
-    )
+    med = {name: statistics.median(v) for name, v in times.items()}
+    gossip_s, bare_s, control_s = med["gossip"], med["bare"], med["control"]
     for g in (gossiper, schedule):
         if g is not None:
             g.close()
@@ -120,8 +116,8 @@ def bench_gossip(
         "gossip_s": gossip_s,
         "bare_sendrecv_s": bare_s,
         "ratio": gossip_s / bare_s if bare_s > 0 else float("nan"),
-        "exchange_s": exchange_s if split else None,
-        "mix_s": mix_s,
+        "exchange_s": med.get("exchange"),
+        "mix_s": med["mix"],
         "control_s": control_s,
         "control_over_round": control_s / gossip_s if gossip_s > 0 else float("nan"),
         "bytes_per_round": gossiper.bytes_last_round,

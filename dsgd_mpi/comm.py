@@ -39,17 +39,6 @@ def sendrecv(
     comm.Sendrecv(_buf(sendbuf), dest, tag, _buf(recvbuf), source, tag)
 
 
-def start_exchange(
-    comm: MPI.Comm, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0
-) -> list[MPI.Request]:
-    """Nonblocking :func:`sendrecv`: post the receive and the send; finish with
-    :func:`wait_all`. Neither buffer may be touched until then."""
-    return [
-        comm.Irecv(_buf(recvbuf), source, tag),
-        comm.Isend(_buf(sendbuf), dest, tag),
-    ]
-
-
 def wait_all(requests: list[MPI.Request]) -> None:
     MPI.Request.Waitall(requests)
 
@@ -57,9 +46,10 @@ def wait_all(requests: list[MPI.Request]) -> None:
 def persistent_exchange(
     comm: MPI.Comm, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0
 ) -> list[MPI.Prequest]:
-    """A :func:`start_exchange` set up once and restarted every round with
-    :func:`start_all` / :func:`wait_all`: MPI matches the peers and buffers one
-    time instead of once per message. Release with :func:`free_all`."""
+    """Post a receive from ``source`` and a send to ``dest``, set up once and
+    restarted every round with :func:`start_all` / :func:`wait_all`: MPI matches
+    the peers and buffers one time instead of once per message. Neither buffer
+    may be touched between start and wait. Release with :func:`free_all`."""
     return [
         comm.Recv_init(_buf(recvbuf), source, tag),
         comm.Send_init(_buf(sendbuf), dest, tag),

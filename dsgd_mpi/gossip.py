@@ -66,6 +66,16 @@ class _Plan:
                 requests += mpi.persistent_exchange(comm, xc, e.send_to, r, e.recv_from, tag=k)
             self.chunks.append((xc, received, scratch[:m], requests))
 
+    def run(self, mix: bool = True) -> float:
+        """Exchange (and mix) every chunk; returns the local ``||x' - x||^2``."""
+        total = 0.0
+        for x, received, scratch, requests in self.chunks:
+            mpi.start_all(requests)
+            mpi.wait_all(requests)
+            if mix:
+                total += mixing.accumulate_numpy(x, received, self.weights, scratch)
+        return total
+
     def requests(self) -> list:
         return [r for *_, requests in self.chunks for r in requests]
 
@@ -173,13 +183,7 @@ class Gossiper:
         self.bytes_last_round = 4 * n * len(exchanges)
         if not exchanges:  # e.g. the rank that sits out an odd random matching
             return 0.0
-        total = 0.0
-        plan = self._plan(exchanges)
-        for x, received, scratch, requests in plan.chunks:
-            mpi.start_all(requests)
-            mpi.wait_all(requests)
-            total += mixing.accumulate_numpy(x, received, plan.weights, scratch)
-        return total
+        return self._plan(exchanges).run()
 
     def exchange(self) -> None:
         """The communication of one round alone: the same messages, no mixing.
@@ -187,14 +191,12 @@ class Gossiper:
         For benchmarks (the MPI cost of the Gossiper's own schedule); leaves
         the buffer unchanged. CPU, non-``complete`` topologies only.
         """
-        t, self.t = self.t, self.t + 1
-        if self.topology.n == 1 or self.topology.is_allreduce or self.direct:
+        if self.topology.is_allreduce or self.direct:
             raise ValueError("exchange() times the chunked point-to-point path only")
+        t, self.t = self.t, self.t + 1
         exchanges = self.topology.exchanges(self.rank, t)
         if exchanges:
-            for *_, requests in self._plan(exchanges).chunks:
-                mpi.start_all(requests)
-                mpi.wait_all(requests)
+            self._plan(exchanges).run(mix=False)
 
     def _plan(self, exchanges: list[Exchange]) -> _Plan:
         key = tuple((e.send_to, e.recv_from, e.weight) for e in exchanges)
@@ -222,10 +224,5 @@ class Gossiper:
             return 0.0
         for k, e in enumerate(exchanges):
             mpi.sendrecv(self.comm, x, e.send_to, self._recv[k], e.recv_from, tag=k)
-        received = self._recv[: len(exchanges)]
-        return self._accumulate(x, received, exchanges)
-
-    def _accumulate(self, x, received, exchanges) -> float:
-        """``d = sum_k w_k r_k - (sum_k w_k) x``; ``x += d``; return ``||d||^2`` (fused)."""
         weights = [e.weight for e in exchanges]
-        return mixing.accumulate(x, received, weights, self._diff[: x.numel()])
+        return mixing.accumulate(x, self._recv[: len(exchanges)], weights, self._diff)
