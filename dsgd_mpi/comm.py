@@ -1,42 +1,251 @@
 """The only door to mpi4py.
 
 Everything below ``run.py`` receives a communicator as an argument and calls the
-helpers here for anything that needs MPI constants (datatypes, ops). Buffers are
-moved with the capital-letter (buffer-protocol) calls; lowercase pickling calls
-are used only for small control data (config text, checkpoint step lists).
+helpers here for anything that needs MPI. Buffers are moved with the
+capital-letter (buffer-protocol) calls; lowercase pickling calls are used only
+for small control data (config text, checkpoint step lists).
+
+One rule for every tensor that goes to MPI (:class:`TensorPort`): MPI reads
+host memory directly; device memory is handed over only when the MPI library
+can read it (CUDA-aware), and only after the stream that filled it has been
+synchronized (MPI knows nothing of torch's streams); otherwise the tensor is
+staged through a reused pinned host buffer. Every collective and
+point-to-point call on tensors in the package goes through a port.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import traceback
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mpi4py import MPI
+import mpi4py
 
-from dsgd_mpi.watchdog import Watchdog, report_and
+# The training loop makes every MPI call from the main thread; MPI_THREAD_MULTIPLE
+# (mpi4py's default) costs a lock on every call in some MPIs. Set before MPI is
+# initialized, i.e. before the first `from mpi4py import MPI` of the process.
+mpi4py.rc.thread_level = "funneled"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from dsgd_mpi.watchdog import Watchdog, report_and  # noqa: E402
 
 Comm = MPI.Comm
 
 WORLD: MPI.Comm = MPI.COMM_WORLD
 
 
-def _buf(x: Any) -> Any:
-    """A buffer mpi4py can read: numpy arrays as they are, CPU tensors through
-    ``.numpy()`` (zero copy), CUDA tensors as they are (mpi4py reads
-    ``__cuda_array_interface__``). mpi4py infers the MPI datatype from each.
+# ------------------------------------------------------------------- launch
+
+
+#: Variables by which launchers announce how many tasks they started.
+LAUNCHER_SIZE_VARS = (
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI's mpirun / prterun
+    "PMI_SIZE",  # MPICH's hydra, srun --mpi=pmi2, Intel MPI
+    "MV2_COMM_WORLD_SIZE",  # MVAPICH
+    "SLURM_STEP_NUM_TASKS",  # srun: the tasks of this step
+)
+
+
+def launch_mismatch(env: Mapping[str, str], world_size: int) -> str | None:
+    """Why the launcher's task count contradicts a 1-rank world, or None.
+
+    An MPI that cannot talk to its launcher (e.g. the PyPI MPICH under
+    ``srun --mpi=pmix``) starts every task as rank 0 of its own 1-rank world:
+    N copies would then train alone and write the same files. Several tasks
+    announced by the launcher with a world of one rank is that failure.
     """
-    if hasattr(x, "is_cuda") and not x.is_cuda:
-        return x.numpy()
-    return x
+    if world_size != 1:
+        return None
+    seen = {}
+    for name in LAUNCHER_SIZE_VARS:
+        value = env.get(name, "")
+        if value.strip().isdigit() and int(value) > 1:
+            seen[name] = value.strip()
+    if "SLURM_STEP_NUM_TASKS" not in seen and env.get("SLURM_STEP_ID") not in (None, ""):
+        # Inside an srun step the job-wide count describes the step too.
+        ntasks = env.get("SLURM_NTASKS", "").strip()
+        if ntasks.isdigit() and int(ntasks) > 1:
+            seen["SLURM_NTASKS"] = ntasks
+    if not seen:
+        return None
+    names = ", ".join(f"{k}={v}" for k, v in seen.items())
+    return (
+        f"the launcher started several tasks ({names}) but MPI gave this process a world of "
+        "1 rank: this MPI cannot talk to the launcher, so every task would train alone and "
+        "write the same files. Build mpi4py against the cluster's MPI (make install "
+        "MPI=system), pick the PMI plugin that MPI supports (srun --mpi=pmix or --mpi=pmi2; "
+        "srun --mpi=list), or launch with that MPI's own mpirun inside the allocation"
+    )
 
 
-def sendrecv(
-    comm: MPI.Comm, sendbuf: Any, dest: int, recvbuf: Any, source: int, tag: int = 0
-) -> None:
-    """Send ``sendbuf`` to ``dest`` while receiving ``recvbuf`` from ``source``."""
-    comm.Sendrecv(_buf(sendbuf), dest, tag, _buf(recvbuf), source, tag)
+def node_local(comm: MPI.Comm) -> tuple[int, int]:
+    """(rank among the ranks on this node, number of ranks on this node)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def node_affinities(comm: MPI.Comm) -> list[frozenset[int]]:
+    """The CPU sets of the ranks on this node, this rank's first (collective)."""
+    mine = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        sets = local.allgather(sorted(mine))  # small control data: a few CPU numbers
+        me = local.Get_rank()
+    finally:
+        local.Free()
+    return [mine] + [frozenset(s) for i, s in enumerate(sets) if i != me]
+
+
+def threads_for(env: Mapping[str, str], affinities: Sequence[frozenset[int]]) -> tuple[int, str]:
+    """torch threads for this rank and why: an explicit OMP_NUM_THREADS wins, else
+    this rank's CPU set divided among the ranks on the node whose sets overlap it.
+
+    Under Slurm each task's set is its own ``--cpus-per-task`` CPUs (no overlap:
+    all of them); under a plain ``mpiexec`` every rank sees every core (shared:
+    cores / ranks). Oversubscribed ranks with default threads run many times slower.
+    """
+    explicit = env.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit), f"OMP_NUM_THREADS={explicit}"
+    mine = affinities[0] if affinities else frozenset()
+    if not mine:
+        cpus = os.cpu_count() or 1
+        return cpus, f"{cpus} CPUs (no affinity mask)"
+    sharing = 1 + sum(1 for other in affinities[1:] if other & mine)
+    threads = max(1, len(mine) // sharing)
+    return threads, f"{len(mine)} CPUs in this rank's affinity mask shared by {sharing} rank(s)"
+
+
+# ------------------------------------------------------------ device memory
+
+
+def _libmpi() -> ctypes.CDLL | None:
+    """The MPI library this process loaded (mpi4py opens it privately, so look it up)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            paths = [ln.split()[-1] for ln in fh if "/libmpi" in ln and ".so" in ln]
+    except OSError:
+        return None
+    for path in dict.fromkeys(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_aware(env: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """Whether this MPI can read CUDA device memory, and why we think so.
+
+    Asks the library where it can (``MPIX_Query_cuda_support``: Open MPI, and
+    MPICH >= 4 which also has ``MPIX_GPU_query_support``), then the documented
+    switches of MPIs that only say so through the environment (Cray MPICH,
+    MVAPICH2-GDR). Unknown means no: staging is slower but never wrong.
+    ``gossip.device_buffers: on|off`` overrides the answer.
+    """
+    env = os.environ if env is None else env
+    version = MPI.Get_library_version()
+    lib = _libmpi()
+    if lib is not None:
+        for name in ("MPIX_Query_cuda_support",):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_int
+                answer = bool(fn())
+                return answer, f"{name}() returned {int(answer)}"
+        fn = getattr(lib, "MPIX_GPU_query_support", None)
+        if fn is not None:
+            flag = ctypes.c_int(0)
+            if fn(0, ctypes.byref(flag)) == 0:  # 0 = MPIX_GPU_SUPPORT_CUDA
+                return bool(flag.value), f"MPIX_GPU_query_support(CUDA) = {flag.value}"
+    if env.get("MPICH_GPU_SUPPORT_ENABLED") == "1":
+        return True, "MPICH_GPU_SUPPORT_ENABLED=1 (Cray MPICH)"
+    if env.get("MV2_USE_CUDA") == "1":
+        return True, "MV2_USE_CUDA=1 (MVAPICH2-GDR)"
+    first = version.splitlines()[0].strip() if version else "unknown MPI"
+    return False, f"{first} does not say it is CUDA-aware"
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+
+
+class TensorPort:
+    """How tensors on one device reach MPI (see the module docstring).
+
+    ``staged``: MPI only ever sees host buffers; a device tensor (or, for tests,
+    a CPU tensor) is copied into a pinned host buffer that is allocated once per
+    slot and reused, and copied back after a receive. Otherwise a host tensor is
+    handed over as it is and a device tensor after a stream synchronize.
+    """
+
+    def __init__(self, device: torch.device | str, staged: bool) -> None:
+        self.device = torch.device(device)
+        self.staged = staged
+        self._host: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def host(self, slot: str, like: torch.Tensor) -> torch.Tensor:
+        """A reused host buffer for ``like``'s elements (pinned where CUDA exists), 1-D."""
+        key = (slot, like.dtype)
+        buf = self._host.get(key)
+        if buf is None or buf.numel() < like.numel():
+            pin = torch.cuda.is_available()
+            buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
+            self._host[key] = buf
+        return buf[: like.numel()]
+
+    def readable(self, t: torch.Tensor, slot: str = "send") -> Any:
+        """A buffer MPI may read that holds ``t`` now."""
+        if self.staged:
+            h = self.host(slot, t)
+            h.copy_(t.reshape(-1))  # a device-to-host copy into pinned memory waits for t
+            return h.numpy()
+        _sync(t)
+        return t.numpy() if t.device.type == "cpu" else t
+
+    def allreduce_(self, comm: MPI.Comm, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Elementwise sum (or max) over ranks, in place; returns ``t``."""
+        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
+        if self.staged:
+            h = self.host("reduce", t)
+            h.copy_(t.reshape(-1))
+            comm.Allreduce(MPI.IN_PLACE, h.numpy(), op=mpi_op)
+            t.reshape(-1).copy_(h)
+            return t
+        _sync(t)
+        comm.Allreduce(MPI.IN_PLACE, t.numpy() if t.device.type == "cpu" else t, op=mpi_op)
+        return t
+
+    def bcast_(self, comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Overwrite ``t`` with root's ``t`` on every rank."""
+        if self.staged:
+            h = self.host("bcast", t)
+            h.copy_(t.reshape(-1))
+            comm.Bcast(h.numpy(), root=root)
+            t.reshape(-1).copy_(h)
+            return t
+        _sync(t)
+        comm.Bcast(t.numpy() if t.device.type == "cpu" else t, root=root)
+        return t
+
+
+# --------------------------------------------------------- point to point
+
+
+def sendrecv(comm: MPI.Comm, sendbuf: np.ndarray, dest: int, recvbuf: np.ndarray, source: int,
+             tag: int = 0) -> None:  # fmt: skip
+    """One blocking Sendrecv of host arrays: the bare-MPI baseline of the benchmarks."""
+    comm.Sendrecv(sendbuf, dest, tag, recvbuf, source, tag)
 
 
 def wait_all(requests: list[MPI.Request]) -> None:
@@ -49,10 +258,12 @@ def persistent_exchange(
     """Post a receive from ``source`` and a send to ``dest``, set up once and
     restarted every round with :func:`start_all` / :func:`wait_all`: MPI matches
     the peers and buffers one time instead of once per message. Neither buffer
-    may be touched between start and wait. Release with :func:`free_all`."""
+    may be touched between start and wait. Release with :func:`free_all`.
+    Buffers are numpy arrays, or device tensors of a CUDA-aware MPI (synchronize
+    before every start)."""
     return [
-        comm.Recv_init(_buf(recvbuf), source, tag),
-        comm.Send_init(_buf(sendbuf), dest, tag),
+        comm.Recv_init(recvbuf, source, tag),
+        comm.Send_init(sendbuf, dest, tag),
     ]
 
 
@@ -69,45 +280,44 @@ def free_all(requests: list[MPI.Prequest]) -> None:
             r.Free()
 
 
-def allreduce_sum(comm: MPI.Comm, sendbuf: Any, recvbuf: Any) -> None:
-    """Elementwise sum of ``sendbuf`` over ranks into ``recvbuf``."""
-    comm.Allreduce(_buf(sendbuf), _buf(recvbuf), op=MPI.SUM)
+# ------------------------------------------------------------- reductions
 
 
-def allreduce_inplace(comm: MPI.Comm, buf: Any) -> None:
-    """Elementwise sum over ranks, in place."""
-    comm.Allreduce(MPI.IN_PLACE, _buf(buf), op=MPI.SUM)
+class Reducer:
+    """Reductions of a few float64s to a value that every rank shares bit for bit.
 
-
-class ScalarReducer:
-    """Sums one float64 over ranks with a preallocated buffer (no pickling)."""
+    MPI does not promise bit-identical Allreduce results on every rank
+    (hierarchical or offloaded reductions may sum in different orders), and the
+    gossip loop, the stop flag and the targets decide control flow from these
+    values: one ulp apart near a target means different round counts and a hang.
+    So the sum is reduced to rank 0 and broadcast, and every rank decides from
+    the same bytes. Two latency-bound calls on a few bytes; no pickling.
+    """
 
     def __init__(self, comm: MPI.Comm) -> None:
-        import numpy as np
-
         self.comm = comm
-        self._send = np.zeros(1, dtype=np.float64)
-        self._recv = np.zeros(1, dtype=np.float64)
+        self._send = np.zeros(8, dtype=np.float64)
+        self._recv = np.zeros(8, dtype=np.float64)
 
-    def sum(self, value: float) -> float:
-        return self._reduce(value, MPI.SUM)
+    def sum(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+        return self._reduce(values, MPI.SUM)
 
-    def max(self, value: float) -> float:
-        return self._reduce(value, MPI.MAX)
+    def max(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+        return self._reduce(values, MPI.MAX)
 
-    def _reduce(self, value: float, op: MPI.Op) -> float:
-        self._send[0] = value
-        self.comm.Allreduce([self._send, MPI.DOUBLE], [self._recv, MPI.DOUBLE], op=op)
-        return float(self._recv[0])
+    def _reduce(self, values: Sequence[float] | np.ndarray, op: MPI.Op) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        k = v.size
+        if k > self._send.size:
+            self._send = np.zeros(k, dtype=np.float64)
+            self._recv = np.zeros(k, dtype=np.float64)
+        self._send[:k] = v
+        self.comm.Reduce([self._send[:k], MPI.DOUBLE], [self._recv[:k], MPI.DOUBLE], op=op, root=0)
+        self.comm.Bcast([self._recv[:k], MPI.DOUBLE], root=0)
+        return self._recv[:k].copy()
 
 
-def node_local(comm: MPI.Comm) -> tuple[int, int]:
-    """(rank among the ranks on this node, number of ranks on this node)."""
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    try:
-        return local.Get_rank(), local.Get_size()
-    finally:
-        local.Free()
+# ----------------------------------------------------------------- faults
 
 
 def node_pids(comm: MPI.Comm) -> dict[int, int]:
@@ -124,32 +334,21 @@ def watch_peers(comm: MPI.Comm) -> Watchdog:
     """Arm a watchdog that names a rank of this node that dies and aborts the job.
 
     Collective. Disarm with ``.stop()`` on every rank before the final barrier.
+    The abort is the one MPI call made off the main thread; at that point a
+    peer is already dead and the job is going down.
     """
     return Watchdog(node_pids(comm), comm.Get_rank(), report_and(lambda: comm.Abort(1))).start()
 
 
-def cuda_aware() -> bool:
-    """Best-effort detection of a CUDA-aware MPI.
-
-    MPICH and Open MPI expose this differently; we look for the documented
-    switches. ``gossip.device_buffers: on|off`` overrides the guess.
-    """
-    query = getattr(MPI, "Query_cuda_support", None)
-    if query is not None:
-        try:
-            return bool(query())
-        except Exception:  # noqa: BLE001 - an MPI without the query is simply "unknown"
-            pass
-    version = MPI.Get_library_version()
-    if "Open MPI" in version:
-        return os.environ.get("OMPI_MCA_opal_cuda_support", "").lower() in ("1", "true")
-    if "MPICH" in version:
-        return os.environ.get("MPIR_CVAR_ENABLE_GPU", "0") == "1"
-    return False
-
-
 def library_version() -> str:
     return MPI.Get_library_version().splitlines()[0].strip()
+
+
+def abort(comm: MPI.Comm, code: int) -> None:
+    """End every rank of the job with ``code`` (after this rank said why)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    comm.Abort(code)
 
 
 def abort_on_exception(comm: MPI.Comm, exc: BaseException, code: int = 1) -> None:
@@ -160,5 +359,4 @@ def abort_on_exception(comm: MPI.Comm, exc: BaseException, code: int = 1) -> Non
     rank = comm.Get_rank()
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sys.stderr.write(f"\n[rank {rank}] failed: {type(exc).__name__}: {exc}\n{text}")
-    sys.stderr.flush()
-    comm.Abort(code)
+    abort(comm, code)

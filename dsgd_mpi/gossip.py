@@ -5,39 +5,43 @@ come from :class:`~dsgd_mpi.topology.Topology` (pure, testable without MPI);
 *moving the bytes* is this module, through the helpers of :mod:`dsgd_mpi.comm`.
 
 One round computes ``x_i' = w_ii x_i + sum_j w_ij x_j`` in place and returns
-the local ``||x_i' - x_i||^2`` so that the consensus estimate costs one scalar
-Allreduce. Because the weights of a row sum to one,
-``x_i' - x_i = sum_j w_ij (x_j - x_i)``: only the difference is accumulated.
+the local ``||x_i' - x_i||^2`` (the consensus estimate's share) and the
+measure's share of the round (:mod:`dsgd_mpi.consensus`). Because the weights
+of a row sum to one, ``x_i' - x_i = sum_j w_ij (x_j - x_i)``: only the
+difference is accumulated. A buffer may end with tensors that are mixed but not
+measured (BatchNorm statistics with ``gossip.buffers``): ``measured`` elements
+from the start are measured, the rest only mixed.
 
-CPU path: the buffer is exchanged and mixed chunk by chunk. For each chunk the
-receives and sends of every peer are posted together, and the chunk is mixed
-as soon as they complete, while the received pieces are still in cache: on a
-memory-bound machine this saves a trip to memory per peer, so a round costs
-little more than the exchange alone. The requests are persistent (set up once
-per exchange pattern and restarted every round), so a round spends no Python
-or MPI matching work per message beyond a start and a wait. Every rank walks
-the same chunks in the same order and each chunk's requests are all posted
-before any wait, so no ordering of ranks can deadlock.
+Host path (CPU tensors): the buffer is exchanged and mixed chunk by chunk. For
+each chunk the receives and sends of every peer are posted together, on
+persistent requests set up once per exchange pattern, and the chunk is mixed
+by one fused numba pass as soon as they complete, while the received pieces are
+still in cache. Every rank walks the same chunks in the same order and each
+chunk's requests are all posted before any wait, so no ordering of ranks can
+deadlock.
 
-Device path: with a CUDA-aware MPI the device buffer goes to MPI directly (after
-synchronizing the stream, since MPI does not know torch's streams); otherwise it
-is staged through pinned host memory and mixed there.
+Pipeline path (device tensors): the same chunks and requests, with the mixing
+done by torch on the device and nothing waiting on the host but MPI itself.
+With a CUDA-aware MPI the requests read and write device memory (after one
+stream synchronize per round). Otherwise each chunk is staged: all chunks are
+copied down into pinned host memory up front on a side stream, each chunk goes
+to MPI as soon as its copy is done, and the received pieces are copied up and
+mixed on the device while MPI moves the next chunk. Two slots of receive
+buffers alternate between chunks; events keep a slot from being overwritten
+while the previous chunk in it is still being copied or mixed. On the CPU the
+events are no-ops and copies synchronous, so tests run this path (forced) too.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Literal
 
-import numpy as np
 import torch
 
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import mixing
 from dsgd_mpi.flat import allocate
 from dsgd_mpi.topology import Exchange, Topology
-
-DeviceBuffers = Literal["auto", "on", "off"]
 
 #: 256 Ki floats (1 MiB per buffer). Measured on a 2-core EPYC (512 KiB L2 per
 #: core, 32 MiB L3), 4 ranks, ring, 11M floats: 64 Ki pieces were ~15 % slower
@@ -46,44 +50,74 @@ DeviceBuffers = Literal["auto", "on", "off"]
 DEFAULT_CHUNK = 1 << 18
 
 
-class _Plan:
-    """Persistent requests and buffer views for one pattern of exchanges.
+def chunk_bounds(numel: int, measured: int, chunk: int) -> list[tuple[int, int, bool]]:
+    """(start, stop, measured) of the chunks of a buffer, in the order every rank walks them.
 
-    Time-varying topologies cycle through few patterns (log2 n for the
-    exponential graphs, at most n - 1 partners for a matching), so each is set
-    up once and kept.
+    The measured part and the rest are chunked separately, so no chunk mixes
+    the two, into near-equal pieces of at most ``chunk`` elements: a 270k buffer
+    in 256k chunks would otherwise pay a whole extra round trip for an 8k tail.
     """
+    out = []
+    for lo, hi, flag in ((0, measured, True), (measured, numel, False)):
+        size = hi - lo
+        if size <= 0:
+            continue
+        pieces = -(-size // max(1, chunk))
+        step = -(-size // pieces)
+        out += [(s, min(s + step, hi), flag) for s in range(lo, hi, step)]
+    return out
 
-    def __init__(self, comm, x: np.ndarray, recv, scratch, exchanges, chunk: int) -> None:
+
+class _Plan:
+    """Persistent requests of one exchange pattern, per chunk, and the buffers they use."""
+
+    def __init__(self, comm, exchanges, chunks) -> None:
+        """``chunks``: (send buffer, [receive buffer per exchange]) per chunk."""
         self.weights = [e.weight for e in exchanges]
-        self.chunks = []
-        for start in range(0, x.size, chunk):
-            xc = x[start : start + chunk]
-            m = xc.size
-            received = [r[:m] for r in recv[: len(exchanges)]]
-            requests = []
+        self.requests = []
+        for send, received in chunks:
+            reqs = []
             for k, (e, r) in enumerate(zip(exchanges, received, strict=True)):
-                requests += mpi.persistent_exchange(comm, xc, e.send_to, r, e.recv_from, tag=k)
-            self.chunks.append((xc, received, scratch[:m], requests))
+                reqs += mpi.persistent_exchange(comm, send, e.send_to, r, e.recv_from, tag=k)
+            self.requests.append(reqs)
 
-    def run(self, mix: bool = True) -> float:
-        """Exchange (and mix) every chunk; returns the local ``||x' - x||^2``."""
-        total = 0.0
-        for x, received, scratch, requests in self.chunks:
-            mpi.start_all(requests)
-            mpi.wait_all(requests)
-            if mix:
-                total += mixing.accumulate_numpy(x, received, self.weights, scratch)
-        return total
-
-    def requests(self) -> list:
-        return [r for *_, requests in self.chunks for r in requests]
+    def all_requests(self) -> list:
+        return [r for reqs in self.requests for r in reqs]
 
 
 def _free_plans(plans: dict) -> None:
     for plan in plans.values():
-        mpi.free_all(plan.requests())
+        mpi.free_all(plan.all_requests())
     plans.clear()
+
+
+class _Device:
+    """A side stream and events on CUDA; nothing on the CPU, where copies are synchronous."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self, stream=None):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream or torch.cuda.current_stream(self.device))
+        return ev
+
+    @staticmethod
+    def host_wait(ev) -> None:
+        if ev is not None:
+            ev.synchronize()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+
+def _pinned(numel: int) -> torch.Tensor:
+    return torch.empty(numel, dtype=torch.float32, pin_memory=torch.cuda.is_available())
 
 
 class Gossiper:
@@ -91,7 +125,8 @@ class Gossiper:
 
     ``t`` is the global round counter that time-varying topologies read; it
     advances by one per round (including repeated rounds of consensus control)
-    and is saved in checkpoints.
+    and is saved in checkpoints. ``pipeline`` forces the device path for a CPU
+    buffer (tests); by default device buffers take it and host buffers do not.
     """
 
     def __init__(
@@ -100,8 +135,10 @@ class Gossiper:
         topology: Topology,
         flat: torch.Tensor,
         *,
-        device_buffers: DeviceBuffers = "auto",
+        port: mpi.TensorPort,
+        measured: int | None = None,
         chunk: int = DEFAULT_CHUNK,
+        pipeline: bool | None = None,
         t: int = 0,
     ) -> None:
         if flat.dtype != torch.float32 or flat.dim() != 1 or not flat.is_contiguous():
@@ -110,30 +147,25 @@ class Gossiper:
             raise ValueError(
                 f"topology is for n={topology.n} but the job has {comm.Get_size()} ranks"
             )
-        self.comm = comm
-        self.topology = topology
+        self.comm, self.topology, self.flat, self.port, self.t = comm, topology, flat, port, t
         self.rank = comm.Get_rank()
-        self.flat = flat
-        self.t = t
-        # Equal pieces: a 270k buffer in 256k chunks would otherwise pay a whole
-        # extra round trip for an 8k tail.
-        pieces = -(-flat.numel() // max(1, chunk))
-        self.chunk = -(-flat.numel() // pieces)
-        on_device = flat.device.type != "cpu"
-        self.direct = on_device and (
-            device_buffers == "on" or (device_buffers == "auto" and mpi.cuda_aware())
-        )
-        # The buffer MPI reads and writes: the device buffer itself, or a pinned
-        # host copy when MPI cannot touch device memory.
-        if on_device and not self.direct:
-            self.host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)
-        else:
-            self.host = flat
-        peers = 1 if topology.is_allreduce else max(1, topology.degree)
-        size = flat.numel() if self.direct else self.chunk
-        device = self.host.device
-        self._recv = [allocate(size, device) for _ in range(peers)]
-        self._diff = allocate(size, device)
+        numel = flat.numel()
+        self.measured = numel if measured is None else measured
+        self.chunks = chunk_bounds(numel, self.measured, chunk)
+        self.pipeline = (flat.device.type != "cpu" or port.staged) if pipeline is None else pipeline
+        self.dev = _Device(flat.device)
+        width = max(hi - lo for lo, hi, _ in self.chunks)
+        slots = 2 if self.pipeline else 1
+        # Receive buffers by exchanges, not peers: one-peer graphs have degree 2
+        # but receive once per round.
+        k = topology.max_exchanges
+        self._recv = [[allocate(width, flat.device) for _ in range(slots)] for _ in range(k)]
+        self._scratch = allocate(width, flat.device)
+        self._acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        staged = self.pipeline and port.staged and k > 0
+        self._host_send = _pinned(numel) if staged else None
+        self._host_recv = [[_pinned(width) for _ in range(2)] for _ in range(k)] if staged else []
+        self._average: torch.Tensor | None = None  # complete: allocated on first use
         self._plans: dict[tuple, _Plan] = {}
         # Persistent requests must be freed before MPI_Finalize; close() does it
         # early, this does it at garbage collection or interpreter exit.
@@ -144,85 +176,155 @@ class Gossiper:
         """Release the persistent MPI requests (also done at exit)."""
         self._finalizer()
 
-    @property
-    def numel(self) -> int:
-        return self.flat.numel()
+    # ------------------------------------------------------------------ rounds
 
-    def round(self) -> float:
-        """One gossip round in place; returns this rank's ``||x' - x||^2``."""
+    def round(self) -> tuple[float, float]:
+        """One gossip round in place; returns this rank's ``||x' - x||^2`` and measure share."""
         t, self.t = self.t, self.t + 1
         if self.topology.n == 1:
             self.bytes_last_round = 0
-            return 0.0
-        if self.direct:
-            torch.cuda.current_stream(self.flat.device).synchronize()
-            return self._mix_whole(t)
-        if self.host is not self.flat:
-            torch.cuda.current_stream(self.flat.device).synchronize()
-            self.host.copy_(self.flat)
-        local = self._mix_chunked(t)
-        if self.host is not self.flat:
-            self.flat.copy_(self.host, non_blocking=False)
-        return local
-
-    def _mix_chunked(self, t: int) -> float:
-        x_all, n = self.host, self.host.numel()
+            return 0.0, 0.0
         if self.topology.is_allreduce:
-            scale = 1.0 / self.topology.n
-            total = 0.0
-            for start in range(0, n, self.chunk):
-                x = x_all[start : start + self.chunk]
-                r, d = self._recv[0][: x.numel()], self._diff[: x.numel()]
-                mpi.allreduce_sum(self.comm, x, r)
-                torch.add(r.mul_(scale), x, alpha=-1.0, out=d)
-                total += float(torch.dot(d, d))
-                x.copy_(r)
-            self.bytes_last_round = 4 * n
-            return total
+            return self._allreduce()
         exchanges = self.topology.exchanges(self.rank, t)
-        self.bytes_last_round = 4 * n * len(exchanges)
+        self.bytes_last_round = 4 * self.flat.numel() * len(exchanges)
         if not exchanges:  # e.g. the rank that sits out an odd random matching
-            return 0.0
-        return self._plan(exchanges).run()
+            return 0.0, 0.0
+        plan = self._plan(exchanges)
+        return self._pipelined(plan) if self.pipeline else self._host(plan)
 
     def exchange(self) -> None:
         """The communication of one round alone: the same messages, no mixing.
 
         For benchmarks (the MPI cost of the Gossiper's own schedule); leaves
-        the buffer unchanged. CPU, non-``complete`` topologies only.
+        the buffer unchanged. Host path, non-``complete`` topologies only.
         """
-        if self.topology.is_allreduce or self.direct:
-            raise ValueError("exchange() times the chunked point-to-point path only")
+        if self.topology.is_allreduce or self.pipeline:
+            raise ValueError("exchange() times the host point-to-point path only")
         t, self.t = self.t, self.t + 1
         exchanges = self.topology.exchanges(self.rank, t)
         if exchanges:
-            self._plan(exchanges).run(mix=False)
+            for reqs in self._plan(exchanges).requests:
+                mpi.start_all(reqs)
+                mpi.wait_all(reqs)
 
-    def _plan(self, exchanges: list[Exchange]) -> _Plan:
+    def _host(self, plan: _Plan) -> tuple[float, float]:
+        x_all = self.flat.numpy()
+        recv = [slots[0].numpy() for slots in self._recv]
+        scratch = self._scratch.numpy()
+        estimate = 0.0
+        for (lo, hi, measured), reqs in zip(self.chunks, plan.requests, strict=True):
+            mpi.start_all(reqs)
+            mpi.wait_all(reqs)
+            m = hi - lo
+            received = [r[:m] for r in recv[: len(plan.weights)]]
+            local = mixing.accumulate_numpy(x_all[lo:hi], received, plan.weights, scratch[:m])
+            estimate += local if measured else 0.0
+        return estimate, estimate
+
+    def _pipelined(self, plan: _Plan) -> tuple[float, float]:
+        x, dev = self.flat, self.dev
+        acc = self._acc.zero_()
+        staged = self._host_send is not None
+        down = []
+        if staged:  # every chunk down at once, on the side stream, after x is final
+            if dev.cuda:
+                dev.side.wait_stream(torch.cuda.current_stream(dev.device))
+            with torch.cuda.stream(dev.side) if dev.cuda else _nothing():
+                for lo, hi, _ in self.chunks:
+                    self._host_send[lo:hi].copy_(x[lo:hi], non_blocking=dev.cuda)
+                    down.append(dev.event(dev.side))
+        else:
+            dev.sync()  # MPI reads x directly: the kernels that wrote it must be done
+        up: list = [None] * len(self.chunks)
+        mixed: list = [None] * len(self.chunks)
+        exchanges = len(plan.weights)
+        chunks = zip(self.chunks, plan.requests, strict=True)
+        for c, ((lo, hi, measured), reqs) in enumerate(chunks):
+            slot, m = c % 2, hi - lo
+            if c >= 2:  # the slot's previous chunk must be out of its buffers
+                dev.host_wait(up[c - 2] if staged else mixed[c - 2])
+            if staged:
+                dev.host_wait(down[c])
+            mpi.start_all(reqs)
+            mpi.wait_all(reqs)
+            received = [self._recv[k][slot][:m] for k in range(exchanges)]
+            if staged:
+                with torch.cuda.stream(dev.side) if dev.cuda else _nothing():
+                    if dev.cuda and c >= 2:
+                        dev.side.wait_event(mixed[c - 2])
+                    for k in range(exchanges):
+                        received[k].copy_(self._host_recv[k][slot][:m], non_blocking=dev.cuda)
+                    up[c] = dev.event(dev.side)
+                if dev.cuda:
+                    torch.cuda.current_stream(dev.device).wait_event(up[c])
+            scratch = self._scratch[:m]
+            _mix_torch(x[lo:hi], received, plan.weights, scratch, acc if measured else None)
+            mixed[c] = dev.event()
+        estimate = float(acc[0])  # the round's one host sync
+        return estimate, estimate
+
+    def _allreduce(self) -> tuple[float, float]:
+        """``complete``: x' = the average, by Allreduce (C-SGD); the distance after it is 0."""
+        x = self.flat
+        self.bytes_last_round = 4 * x.numel()
+        if self._average is None:
+            self._average = allocate(x.numel(), x.device)
+        avg = self._average
+        if self.pipeline:
+            self.port.allreduce_(self.comm, avg.copy_(x))
+        else:  # chunked: each piece is summed while the next one's data is still in cache
+            for lo, hi, _ in self.chunks:
+                avg[lo:hi].copy_(x[lo:hi])
+                self.port.allreduce_(self.comm, avg[lo:hi])
+        avg.mul_(1.0 / self.topology.n)
+        d = avg[: self.measured] - x[: self.measured]
+        estimate = float(torch.dot(d, d))
+        x.copy_(avg)
+        return estimate, 0.0
+
+    def _plan(self, exchanges: tuple[Exchange, ...]) -> _Plan:
         key = tuple((e.send_to, e.recv_from, e.weight) for e in exchanges)
         plan = self._plans.get(key)
         if plan is None:
-            recv = [r.numpy() for r in self._recv]
-            plan = _Plan(self.comm, self.host.numpy(), recv, self._diff.numpy(), exchanges,
-                         self.chunk)  # fmt: skip
+            plan = _Plan(self.comm, exchanges, self._buffers(len(exchanges)))
             self._plans[key] = plan
         return plan
 
-    def _mix_whole(self, t: int) -> float:
-        """Device-direct path: whole-buffer exchanges, mixing on the device."""
-        x = self.flat
-        if self.topology.is_allreduce:
-            r = self._recv[0]
-            mpi.allreduce_sum(self.comm, x, r)
-            torch.add(r.mul_(1.0 / self.topology.n), x, alpha=-1.0, out=self._diff)
-            x.copy_(r)
-            self.bytes_last_round = 4 * x.numel()
-            return float(torch.dot(self._diff, self._diff))
-        exchanges = self.topology.exchanges(self.rank, t)
-        self.bytes_last_round = 4 * x.numel() * len(exchanges)
-        if not exchanges:
-            return 0.0
-        for k, e in enumerate(exchanges):
-            mpi.sendrecv(self.comm, x, e.send_to, self._recv[k], e.recv_from, tag=k)
-        weights = [e.weight for e in exchanges]
-        return mixing.accumulate(x, self._recv[: len(exchanges)], weights, self._diff)
+    def _buffers(self, exchanges: int) -> list[tuple[object, list[object]]]:
+        """What MPI reads and writes for each chunk: host memory, or device memory (direct)."""
+        out = []
+        for c, (lo, hi, _) in enumerate(self.chunks):
+            slot, m = (c % 2 if self.pipeline else 0), hi - lo
+            if self._host_send is not None:
+                send = self._host_send[lo:hi].numpy()
+                recv = [self._host_recv[k][slot][:m].numpy() for k in range(exchanges)]
+            else:
+                send = _mpi_view(self.flat[lo:hi])
+                recv = [_mpi_view(self._recv[k][slot][:m]) for k in range(exchanges)]
+            out.append((send, recv))
+        return out
+
+
+def _mpi_view(t: torch.Tensor):
+    """Host tensors as numpy arrays; device tensors as they are (CUDA array interface)."""
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _mix_torch(x, received, weights, scratch, acc) -> None:
+    """``d = sum_k w_k r_k - (sum_k w_k) x; x += d``; ``acc[0] += ||d||^2`` (no host sync)."""
+    torch.mul(received[0], weights[0], out=scratch)
+    for r, w in zip(received[1:], weights[1:], strict=True):
+        scratch.add_(r, alpha=w)
+    scratch.add_(x, alpha=-sum(weights))
+    x.add_(scratch)
+    if acc is not None:
+        acc[0] += torch.dot(scratch, scratch).double()

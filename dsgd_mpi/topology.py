@@ -238,6 +238,18 @@ class Topology:
             for i in range(self.n)
         )
 
+    @property
+    def max_exchanges(self) -> int:
+        """Most Sendrecv exchanges of one rank in one round (receive buffers to allocate);
+        0 for complete, which averages by Allreduce."""
+        if self.n == 1 or self.name == "complete":
+            return 0
+        if self.name == "random_matching":
+            return 1
+        return max(
+            len(self.exchanges(i, t)) for t in range(self._cycle) for i in range(self.n)
+        )
+
     # ---------------------------------------------------------------- spectra
 
     def rho(self) -> float:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+#: Jobs started and not yet reaped: tests/conftest.py kills what a failed or timed-out
+#: test left behind, so no rank outlives its test.
+LIVE: list[subprocess.Popen] = []
 
 
 def mpiexec() -> str:
@@ -38,7 +41,7 @@ def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.
     """
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -47,6 +50,31 @@ def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.
         cwd=ROOT,
         start_new_session=True,  # own process group: a timeout kills every rank
     )
+    LIVE.append(proc)
+    return proc
+
+
+def start_mpmd(parts: list[tuple[str, list[str]]], env: dict | None = None) -> subprocess.Popen:
+    """One job, one rank per part, each ``(working directory, python args)``: ranks that
+    see different files (as on nodes without a shared file system)."""
+    cmd = [mpiexec()]
+    for k, (wdir, args) in enumerate(parts):
+        cmd += ([":"] if k else []) + ["-n", "1", "-wdir", wdir, sys.executable, "-m", "mpi4py",
+                                      *args]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=ROOT, start_new_session=True)  # fmt: skip
+    LIVE.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """Kill every job this process started that is still running (and its ranks)."""
+    while LIVE:
+        proc = LIVE.pop()
+        if proc.poll() is None:
+            kill_job(proc)
+            proc.communicate()
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
