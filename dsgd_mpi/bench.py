@@ -41,18 +41,21 @@ from dsgd_mpi.topology import NAMES, Topology, TopologyError
 def _bare_round(comm, topology: Topology, t: int, x, recv) -> None:
     """What MPI alone costs: the same bytes to the same peers, no arithmetic."""
     if topology.is_allreduce:
-        mpi.allreduce_sum(comm, x, recv[0])
+        _HOST.allreduce_(comm, recv[0].copy_(x))
         return
     for k, e in enumerate(topology.exchanges(comm.Get_rank(), t)):
-        mpi.sendrecv(comm, x, e.send_to, recv[k], e.recv_from, tag=k)
+        mpi.sendrecv(comm, x.numpy(), e.send_to, recv[k].numpy(), e.recv_from, tag=k)
 
 
-def _timed(comm, reducer: mpi.ScalarReducer, fn, rounds: int) -> float:
+_HOST = mpi.TensorPort("cpu", staged=False)
+
+
+def _timed(comm, reducer: mpi.Reducer, fn, rounds: int) -> float:
     comm.Barrier()
     start = time.perf_counter()
     for _ in range(rounds):
         fn()
-    return reducer.max((time.perf_counter() - start) / rounds)
+    return float(reducer.max([(time.perf_counter() - start) / rounds])[0])
 
 
 def bench_gossip(
@@ -67,15 +70,15 @@ def bench_gossip(
         return allocate(numel).normal_(generator=rng)
 
     peers = max(1, topology.degree)
-    gossiper = Gossiper(comm, topology, data(), chunk=chunk)
+    gossiper = Gossiper(comm, topology, data(), port=_HOST, chunk=chunk)
     # The Gossiper's own messages without the arithmetic, and the arithmetic
     # without messages (every rank at once, as in a round): what each part costs.
     split = not topology.is_allreduce and topology.n > 1
-    schedule = Gossiper(comm, topology, data(), chunk=chunk) if split else None
+    schedule = Gossiper(comm, topology, data(), port=_HOST, chunk=chunk) if split else None
     mix_x, mix_d, mix_recv = data(), data(), [data() for _ in range(peers)]
     mix_weights = [1.0 / (peers + 1)] * peers
     bare_x, bare_recv = data(), [data() for _ in range(peers)]
-    reducer = mpi.ScalarReducer(comm)
+    reducer = mpi.Reducer(comm)
     state = {"t": 0}
 
     def bare() -> None:
@@ -88,7 +91,7 @@ def bench_gossip(
     def control() -> None:
         # What consensus control adds to a round: the scalar reduction and the
         # comparison with the target.
-        estimate = reducer.sum(1.0) / topology.n
+        estimate = reducer.sum([1.0])[0] / topology.n
         _ = estimate <= 0.5
 
     fns = {"gossip": gossiper.round, "bare": bare, "mix": mix, "control": control}
@@ -143,9 +146,9 @@ def bench_step(
     g = torch.Generator().manual_seed(rank)
     images = torch.randn(batch, channels, size, size, generator=g)
     labels = torch.randint(0, 10, (batch,), generator=g)
-    gossiper = Gossiper(comm, topology, flat)
-    averager = Gossiper(comm, Topology("complete", n), flat)
-    reducer = mpi.ScalarReducer(comm)
+    gossiper = Gossiper(comm, topology, flat, port=_HOST)
+    averager = Gossiper(comm, Topology("complete", n), flat, port=_HOST)
+    reducer = mpi.Reducer(comm)
 
     def update() -> None:
         loss = F.cross_entropy(model(images), labels)
@@ -238,8 +241,7 @@ def _main_step(args: argparse.Namespace) -> int:
         topology = Topology(args.topology, comm.Get_size(), seed=args.seed)
     except TopologyError as exc:
         return _fail(comm, str(exc))
-    local_rank, local_size = mpi.node_local(comm)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    torch.set_num_threads(mpi.threads_for(os.environ, mpi.node_affinities(comm))[0])
     result = bench_step(comm, topology, args.model, args.batch, args.steps, args.blocks)
     _report(comm, result, args.json)
     return 0

@@ -358,13 +358,21 @@ def check_world(cfg: Config, world_size: int) -> None:
     """Checks that depend on the number of ranks and on the machine.
 
     Raises :class:`ConfigError` for ``topology.name`` when the topology cannot
-    serve ``world_size`` ranks, and for ``data.root`` when it does not exist
-    (unless the data set is synthetic or ``data.download`` is true).
+    serve ``world_size`` ranks, for a ``reference_run`` that is not a file, and
+    for ``data.root`` when it does not exist (unless the data set is synthetic
+    or ``data.download`` is true). Only rank 0 calls this: files one node cannot
+    see must not make ranks disagree.
     """
     try:
         Topology(cfg.topology.name, world_size, cfg.topology.seed)
     except TopologyError as exc:
         raise ConfigError("topology.name", f"{exc} (world size {world_size})") from None
+    for k, phase in enumerate(cfg.consensus.phases):
+        if phase.reference_run is not None and not os.path.isfile(phase.reference_run):
+            raise ConfigError(
+                f"consensus.phases.{k}.reference_run",
+                f"no such file (got {_fmt(phase.reference_run)})",
+            )
     if cfg.data.name != "synthetic" and not cfg.data.download:
         if not os.path.isdir(cfg.data.root):
             raise ConfigError(

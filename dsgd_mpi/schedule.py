@@ -52,18 +52,11 @@ def peak_lr(cfg: Config, world_size: int) -> float:
     return cfg.optim.lr
 
 
-def steps_per_epoch(dataset_size: int, cfg: Config, world_size: int) -> int:
-    """Full batches in one rank's shard: ``floor(dataset_size / world_size / batch_size)``, >= 1."""
-    _check_world(world_size)
-    if dataset_size < 1:
-        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
-    return max(1, dataset_size // world_size // cfg.data.batch_size)
-
-
-def total_steps(dataset_size: int, cfg: Config, world_size: int) -> int:
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """Steps of the whole run: ``ceil(run.epochs * steps_per_epoch)``, >= 1."""
-    spe = steps_per_epoch(dataset_size, cfg, world_size)
-    return max(1, math.ceil(cfg.run.epochs * spe - _EPS))
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return max(1, math.ceil(cfg.run.epochs * steps_per_epoch - _EPS))
 
 
 def step_epoch(step: int, steps_per_epoch: int) -> float:
@@ -118,10 +111,6 @@ class PhaseSpan:
     ema: float
     """EMA coefficient for target=adaptive."""
 
-    def contains(self, epoch: float) -> bool:
-        """Whether the step ending at ``epoch`` belongs to this phase."""
-        return _past(epoch, self.start_epoch) and not _past(epoch, self.end_epoch)
-
 
 def phases(cfg: Config) -> tuple[PhaseSpan, ...]:
     """``consensus.phases`` as consecutive spans covering ``[0, run.epochs]``.
@@ -154,16 +143,6 @@ def phases(cfg: Config) -> tuple[PhaseSpan, ...]:
         )
         start = float(end)
     return tuple(spans)
-
-
-def milestone_phases(cfg: Config) -> tuple[float, ...]:
-    """The design's default phase boundaries: the epochs of the lr decays.
-
-    Phase 1 runs (with the warmup) up to the first decay, phase 2 to the next,
-    and the last phase to the end of the run. Use these as ``until_epoch`` of
-    all phases but the last to control consensus per lr level.
-    """
-    return milestone_epochs(cfg)
 
 
 def phase_at(spans: Sequence[PhaseSpan], epoch: float) -> PhaseSpan:

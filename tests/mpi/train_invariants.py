@@ -14,15 +14,15 @@ import torch
 from mpi4py import MPI
 
 from dsgd_mpi.config import load_config
-from dsgd_mpi.run import build_trainer
+from dsgd_mpi.run import build
 from dsgd_mpi.schedule import phases
 
 comm = MPI.COMM_WORLD
 rank, n = comm.Get_rank(), comm.Get_size()
 mode, path = sys.argv[1], sys.argv[2]
 cfg = load_config(path, [f"topology.name={'complete' if mode == 'complete' else 'ring'}"])
-trainer, _ = build_trainer(comm, cfg)
-flat = trainer.consensus.gossiper.flat
+trainer = build(comm, cfg)
+(flat,) = trainer.replicas.flats
 phase = phases(cfg)[0]
 if mode == "ring_lr0":
     torch.manual_seed(100 + rank)
@@ -35,11 +35,12 @@ def gathered() -> np.ndarray:
     return out
 
 
-spread_before = None
-for step, (images, labels) in zip(range(5), trainer.loader.batches(0), strict=False):
+trainer.replicas.start(0)
+for step in range(5):
     before = gathered()
     lr = 0.0 if mode == "ring_lr0" else 0.05
-    trainer.local_update(images, labels, lr)
+    trainer.replicas.gradients()
+    trainer.replicas.apply(lr)
     trainer.communicate(phase, trainer.policy.target(phase, lr))
     after = gathered()
     if mode == "complete":
