@@ -28,6 +28,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dsgd_mpi import atomic
 from dsgd_mpi.analysis.load import LoadError, Run, eval_frame, load_run, steps_frame
 from dsgd_mpi.analysis.plots import plot_consensus, plot_rounds, plot_test_acc
 from dsgd_mpi.analysis.tables import (
@@ -79,8 +80,7 @@ def analyze(runs: Sequence[Run], out: str) -> list[str]:
 
     def text(name: str, content: str) -> None:
         path = os.path.join(out, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(content)
+        atomic.write_text(path, content)
         written.append(path)
 
     summary = summary_table(runs)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import yaml
 
+from dsgd_mpi.atomic import fsync_dir
+
 _STEP_DIR = re.compile(r"^step(\d{9})$")
 KEEP = 2  # complete steps kept per rank: the newest, and one to fall back on
 
@@ -55,7 +57,8 @@ def latest_common(per_rank: Iterable[Iterable[int]]) -> int | None:
 
 
 def save(directory: str, step: int, rank: int, state: Mapping[str, Any]) -> str:
-    """Write this rank's state for ``step`` atomically (temporary file, fsync, rename)."""
+    """Write this rank's state for ``step`` atomically (temporary file, fsync, rename, fsync
+    of the folder)."""
     path = rank_file(directory, step, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"
@@ -64,6 +67,8 @@ def save(directory: str, step: int, rank: int, state: Mapping[str, Any]) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    fsync_dir(directory)
     return path
 
 
@@ -82,28 +87,75 @@ def prune(directory: str, rank: int, keep: int = KEEP) -> None:
             os.rmdir(step_dir(directory, step))
         except OSError:  # other ranks' files are still there: the last one out removes it
             pass
+    if os.path.isdir(directory):
+        fsync_dir(directory)
 
 
-def agree_on_resume(comm, directory: str) -> int | None:
-    """Collective: the latest step complete on every rank (same answer on all ranks)."""
-    mine = steps_on_disk(directory, comm.Get_rank())
-    everyone = comm.gather(mine, root=0)  # small control data: lists of step numbers
-    step = latest_common(everyone) if comm.Get_rank() == 0 else None
-    return comm.bcast(step, root=0)
+def complete_steps(directory: str, ranks: Iterable[int]) -> set[int]:
+    """Steps for which every one of ``ranks`` has its file."""
+    sets = [set(steps_on_disk(directory, r)) for r in ranks]
+    return set.intersection(*sets) if sets else set()
+
+
+def agree_on_resume(group, directory: str) -> int | None:
+    """Collective: the latest step complete for every replica (the same on every process).
+
+    Each process knows its own replicas' files; the newest common step is found
+    with reductions only: propose each process's newest step, take the smallest
+    proposal, and accept it if every process has it (otherwise look below it).
+    """
+    mine = complete_steps(directory, group.ranks)
+    below = float("inf")
+    while True:
+        proposal = max((s for s in mine if s < below), default=-1)
+        candidate = -int(group.max([[-proposal]])[0])
+        if candidate < 0:
+            return None
+        if group.max([[0.0 if candidate in mine else 1.0]])[0] == 0:
+            return candidate
+        below = candidate
 
 
 # Sections that may change between the interrupted and the resumed launch: they
 # decide what is measured and saved, not what is computed.
-MUTABLE_SECTIONS = ("metrics", "checkpoint")
+MUTABLE = ("metrics", "checkpoint", "run.overwrite")
+
+
+def _split(saved_yaml: str, current_yaml: str) -> tuple[dict, dict, dict, dict]:
+    """(saved, current) without the mutable keys, then the mutable keys alone, as nested dicts."""
+    saved, current = yaml.safe_load(saved_yaml) or {}, yaml.safe_load(current_yaml) or {}
+    kept = ({}, {})
+    for path in MUTABLE:
+        section, _, key = path.partition(".")
+        for source, out in zip((saved, current), kept, strict=True):
+            if key:
+                value = source.get(section, {}).pop(key, None)
+                out.setdefault(section, {})[key] = value
+            else:
+                out[section] = source.pop(section, None)
+    return saved, current, kept[0], kept[1]
 
 
 def config_mismatch(saved_yaml: str, current_yaml: str) -> str | None:
     """The first dotted key whose value differs in a way that breaks resuming, or None."""
-    saved, current = yaml.safe_load(saved_yaml) or {}, yaml.safe_load(current_yaml) or {}
-    for section in MUTABLE_SECTIONS:
-        saved.pop(section, None)
-        current.pop(section, None)
+    saved, current, _, _ = _split(saved_yaml, current_yaml)
     return _first_difference(saved, current, "")
+
+
+def changed_keys(saved_yaml: str, current_yaml: str) -> dict[str, list]:
+    """The keys that may change between launches and did: ``{key: [before, now]}``."""
+    _, _, before, now = _split(saved_yaml, current_yaml)
+    out: dict[str, list] = {}
+    _differences(before, now, "", out)
+    return out
+
+
+def _differences(a: Any, b: Any, prefix: str, out: dict[str, list]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            _differences(a.get(key), b.get(key), f"{prefix}{key}.", out)
+    elif a != b:
+        out[prefix.rstrip(".")] = [a, b]
 
 
 def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
@@ -152,39 +204,37 @@ class StopRequest:
 
 
 class Checkpointer:
-    """When to checkpoint or stop, agreed by all ranks; writing and pruning (collective).
+    """When to checkpoint or stop, agreed by all replicas; writing and pruning (collective).
 
     ``every`` steps, at the last step, and at the first step boundary after a stop
-    signal on *any* rank (one scalar all-reduce per step carries the flag).
+    signal on *any* process (one small reduction per step carries the flag).
     """
 
-    def __init__(self, comm, directory: str, every: int, stop: StopRequest | None = None) -> None:
-        from dsgd_mpi.comm import ScalarReducer  # the only door to MPI
-
-        self.comm, self.directory, self.every = comm, directory, every
+    def __init__(self, group, directory: str, every: int, stop: StopRequest | None = None) -> None:
+        self.group, self.directory, self.every = group, directory, every
         self.stop = stop or StopRequest()
-        self.reducer = ScalarReducer(comm)
         self.last_step: int | None = None
 
     def due(self, step: int, final: bool) -> tuple[bool, bool]:
-        """(save now, stop after saving); the same answer on every rank."""
-        stop = self.reducer.max(1.0 if self.stop.requested else 0.0) > 0
+        """(save now, stop after saving); the same answer on every process."""
+        stop = self.group.max([[1.0 if self.stop.requested else 0.0]])[0] > 0
         save = stop or bool(self.every) and (step % self.every == 0 or final)
         return save and step != self.last_step, stop
 
-    def write(self, step: int, state: Mapping[str, Any]) -> None:
-        rank = self.comm.Get_rank()
-        ok = 1.0
+    def write(self, step: int, states: Mapping[int, Mapping[str, Any]]) -> None:
+        """Every local replica's state (``{rank: state}``) for ``step``, then prune old steps."""
+        error: OSError | None = None
         try:
-            save(self.directory, step, rank, state)
+            for rank, state in states.items():
+                save(self.directory, step, rank, state)
         except OSError as exc:
-            ok = 0.0
             error = exc
-        # Prune only once every rank has its file: until then the older step is the
+        # Prune only once every replica has its file: until then the older step is the
         # newest complete one.
-        if self.reducer.max(1.0 - ok) > 0:
-            if not ok:
+        if self.group.max([[1.0 if error else 0.0]])[0] > 0:
+            if error is not None:
                 raise OSError(f"checkpoint of step {step} not written: {error}") from error
             raise OSError(f"checkpoint of step {step} failed on another rank")
         self.last_step = step
-        prune(self.directory, rank)
+        for rank in states:
+            prune(self.directory, rank)

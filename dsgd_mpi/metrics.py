@@ -1,15 +1,18 @@
 """Metrics in one HDF5 file per run (layout in DESIGN.md), written by rank 0.
 
-Rows are buffered in memory and appended every ``flush_every`` rows. Each flush
-opens the file, appends, and closes it again: a job killed between flushes
-(even by SIGKILL) leaves a consistent file with every flushed row, and readers
-such as ``dsgd_mpi.analyze`` can open it while the job runs (file locking is
-off on both sides). Other ranks get :class:`NullWriter`, so the training loop
-never asks who it is.
+Rows are buffered in memory and appended every ``flush_every`` steps. Each
+flush writes a copy of the file with the new rows and renames it over the old
+one: a job killed at any moment (even by SIGKILL, even mid-flush) leaves the
+file as it was after the previous flush or the new one, and readers such as
+``dsgd_mpi.analyze`` can open it while the job runs (file locking is off on
+both sides; a reader holds the version it opened). Other ranks get
+:class:`NullWriter`, so the training loop never asks who it is.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 from collections.abc import Mapping
 from typing import Protocol
@@ -17,16 +20,23 @@ from typing import Protocol
 import h5py
 import numpy as np
 
+from dsgd_mpi import atomic
+
 STEP_FIELDS = (
     "step", "epoch", "phase", "lr", "train_loss", "train_acc",
-    "consensus_estimate", "consensus_exact", "consensus_bound", "gossip_rounds", "target",
-    "bytes_sent", "time_compute", "time_gossip", "time_allreduce",
+    "consensus_estimate", "consensus_measured", "consensus_exact", "consensus_bound",
+    "gossip_rounds", "target", "bytes_sent", "time_compute", "time_gossip", "time_allreduce",
+    # running totals since step 1: the whole run's communication cost
+    "gossip_rounds_total", "bytes_sent_total", "time_compute_total", "time_gossip_total",
+    "time_allreduce_total",
 )  # fmt: skip
 EVAL_FIELDS = (
     "step", "epoch", "test_loss", "test_acc",
     "local_acc_mean", "local_acc_min", "local_acc_max",
 )  # fmt: skip
-_INT_FIELDS = {"step", "phase", "gossip_rounds", "bytes_sent"}
+_INT_FIELDS = {
+    "step", "phase", "gossip_rounds", "bytes_sent", "gossip_rounds_total", "bytes_sent_total",
+}  # fmt: skip
 
 
 class MetricsWriter(Protocol):
@@ -53,7 +63,17 @@ class NullWriter:
 
 
 class H5Writer:
-    """Appends rows to ``/steps`` and ``/eval`` of one HDF5 file."""
+    """Appends rows to ``/steps`` and ``/eval`` of one HDF5 file, crash-safely.
+
+    Every change (creation, each flush, the ``finished`` mark) is made on a copy
+    that then replaces the file (:mod:`dsgd_mpi.atomic`): a kill at any moment
+    leaves the previous complete file or the new one. Step rows are flushed once
+    ``flush_every`` steps have passed since the last flush; evaluation rows at once.
+
+    A resumed run (``resume_after_step``) keeps every row of the file and
+    replaces the rows after its checkpoint as it recomputes them, flush by
+    flush: a resumed run killed again has lost nothing that was ever on disk.
+    """
 
     def __init__(
         self,
@@ -61,28 +81,33 @@ class H5Writer:
         attrs: Mapping[str, object],
         flush_every: int,
         resume_after_step: int | None = None,
+        relaunch: Mapping[str, object] | None = None,
     ) -> None:
         self.path = path
         self.flush_every = flush_every
         self._rows: dict[str, list[dict]] = {"steps": [], "eval": []}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        start = resume_after_step or 0
+        self._replaced = {"steps": start, "eval": start}  # rows up to here are this run's
+        self._flushed_step = start
+        atomic.remove_stale(path)
         if resume_after_step is not None and os.path.exists(path):
-            self._truncate(resume_after_step)
+            with atomic.replacing(path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
+                f.attrs.pop("finished", None)
+                _record_relaunch(f, resume_after_step, relaunch or {})
             return
-        with h5py.File(path, "w", locking=False) as f:
+        if os.path.exists(path):  # run.overwrite: the old run stays, under a numbered name
+            atomic.move_aside(path)
+        with atomic.replacing(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (int, float)) else str(value)
             for group, fields in (("steps", STEP_FIELDS), ("eval", EVAL_FIELDS)):
                 g = f.create_group(group)
                 for name in fields:
-                    dtype = np.int64 if name in _INT_FIELDS else np.float64
-                    g.create_dataset(
-                        name, shape=(0,), maxshape=(None,), chunks=(1024,), dtype=dtype
-                    )
+                    _dataset(g, name, 0)
 
     def log_step(self, row: Mapping[str, float]) -> None:
         self._rows["steps"].append(dict(row))
-        if len(self._rows["steps"]) >= self.flush_every:
+        if int(row["step"]) - self._flushed_step >= self.flush_every:
             self.flush()
 
     def log_eval(self, row: Mapping[str, float]) -> None:
@@ -92,32 +117,68 @@ class H5Writer:
     def flush(self) -> None:
         if not any(self._rows.values()):
             return
-        with h5py.File(self.path, "a", locking=False) as f:
+        with atomic.replacing(self.path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
             for group, rows in self._rows.items():
-                if not rows:
-                    continue
-                for name, dset in f[group].items():
-                    values = np.array([r.get(name, np.nan) for r in rows], dtype=dset.dtype)
-                    start = dset.shape[0]
-                    dset.resize((start + len(values),))
-                    dset[start:] = values
-                rows.clear()
+                if rows:
+                    _write_rows(f[group], rows, self._replaced[group])
+        for group, rows in self._rows.items():
+            if rows:
+                self._replaced[group] = int(rows[-1]["step"])
+        if self._rows["steps"]:
+            self._flushed_step = int(self._rows["steps"][-1]["step"])
+        for rows in self._rows.values():
+            rows.clear()
 
     def close(self, finished: bool) -> None:
         self.flush()
         if finished:
-            import datetime
+            with atomic.replacing(self.path, copy=True) as tmp, \
+                    h5py.File(tmp, "a", locking=False) as f:  # fmt: skip
+                f.attrs["finished"] = _now()
 
-            with h5py.File(self.path, "a", locking=False) as f:
-                f.attrs["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
 
-    def _truncate(self, last_step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from: they will be redone."""
-        with h5py.File(self.path, "a", locking=False) as f:
-            for group in ("steps", "eval"):
-                steps = f[group]["step"][:]
-                keep = int(np.searchsorted(steps, last_step, side="right"))
-                for dset in f[group].values():
-                    dset.resize((keep,))
-            if "finished" in f.attrs:
-                del f.attrs["finished"]
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def _dataset(group: h5py.Group, name: str, rows: int) -> h5py.Dataset:
+    """A resizable 1-D column; rows already in the group are NaN (or -1 for integers)."""
+    dtype = np.int64 if name in _INT_FIELDS else np.float64
+    dset = group.create_dataset(name, shape=(rows,), maxshape=(None,), chunks=(1024,),
+                                dtype=dtype)  # fmt: skip
+    if rows:
+        dset[:] = -1 if dtype is np.int64 else np.nan
+    return dset
+
+
+def _write_rows(group: h5py.Group, rows: list[dict], replaced: int) -> None:
+    """Add ``rows`` (steps ascending). Rows of the file after step ``replaced`` and up to
+    the last new step are an earlier launch's, now recomputed: they give way to the new ones.
+
+    A field the file does not have yet (a file of an older version) is added.
+    """
+    old = group["step"][()]
+    last = int(rows[-1]["step"])
+    keep_before = int(np.searchsorted(old, replaced, side="right"))
+    keep_after = int(np.searchsorted(old, last, side="right"))
+    for name in dict.fromkeys(k for r in rows for k in r):
+        if name not in group:
+            _dataset(group, name, len(old))
+    for name, dset in group.items():
+        missing = -1 if dset.dtype.kind == "i" else np.nan
+        new = np.array([r.get(name, missing) for r in rows], dtype=dset.dtype)
+        if keep_before == keep_after == len(old):  # the usual case: appending
+            dset.resize((len(old) + len(new),))
+            dset[len(old) :] = new
+            continue
+        values = dset[()]
+        merged = np.concatenate([values[:keep_before], new, values[keep_after:]])
+        dset.resize((len(merged),))
+        dset[:] = merged
+
+
+def _record_relaunch(f: h5py.File, step: int, changed: Mapping[str, object]) -> None:
+    """Append this relaunch (time, resume step, keys changed since the last launch)."""
+    history = json.loads(str(f.attrs.get("relaunches", "[]")))
+    history.append({"time": _now(), "resumed_after_step": step, "changed": dict(changed)})
+    f.attrs["relaunches"] = json.dumps(history)

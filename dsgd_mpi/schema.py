@@ -11,7 +11,6 @@ Pure: no MPI, no torch; the ``reference_run`` check looks at the file system.
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import field
 from typing import Annotated, Any, Literal
@@ -89,6 +88,8 @@ class RunConfig:
     """Directory that holds one subdirectory per run."""
     epochs: PosFloat = 3.0
     """Length of the run in epochs of each rank's shard (may be fractional)."""
+    overwrite: bool = False
+    """Start over when out_dir/name.h5 exists: the old file is kept as name.h5.1, .2, ..."""
 
 
 @_section
@@ -111,8 +112,6 @@ class DataConfig:
     """Download the data set into root if it is missing."""
     augment: bool = True
     """Training augmentation (random crop and flip for the CIFAR-like sets)."""
-    workers: NonNegInt = 0
-    """Reserved: batches are indexed from in-memory tensors, so loader workers are unused."""
     synthetic_size: PosInt = 2048
     """Number of training samples of the synthetic data set."""
 
@@ -213,8 +212,6 @@ class Phase:
                     f"target 'constant' needs exactly one of reference / reference_run "
                     f"(got {what})",
                 )
-            if self.reference_run is not None and not os.path.isfile(self.reference_run):
-                raise _Invalid("reference_run", f"no such file (got {_fmt(self.reference_run)})")
         elif given:
             raise _Invalid(
                 given[0],

@@ -93,10 +93,11 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
         _final_states(str(tmp_path / "whole")), _final_states(str(tmp_path / "cut")), strict=True
     ):
         assert a["step"] == b["step"] == 48
-        for key in a["model"]:
-            assert torch.equal(a["model"][key], b["model"][key]), key
+        ra, rb = a["replica"], b["replica"]
+        for key in ra["model"]:
+            assert torch.equal(ra["model"][key], rb["model"][key]), key
         for pa, pb in zip(
-            a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+            ra["optimizer"]["state"].values(), rb["optimizer"]["state"].values(), strict=True
         ):
             assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
         assert a["gossip_t"] == b["gossip_t"] > 48  # several rounds per step were needed
@@ -158,4 +159,4 @@ def test_divergence_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path):
     assert steps, "a checkpoint was written before the blow-up"
     for rank in range(2):
         state = checkpoint.load(directory, steps[-1], rank)
-        assert all(torch.isfinite(t).all() for t in state["model"].values())
+        assert all(torch.isfinite(t).all() for t in state["replica"]["model"].values())

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dsgd_mpi import atomic
 from dsgd_mpi.analysis.load import Run
 
 MAX_SUBPLOTS = 6
@@ -55,8 +56,8 @@ def _legend(ax, runs: Sequence[Run], title: str, **kwargs) -> None:
 
 
 def _save(fig: Figure, path: str) -> str:
-    fig.savefig(path, dpi=100)
-    return path
+    """Write the PNG atomically: a reader (or a crash) never sees half a picture."""
+    return atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def _col(run: Run, name: str) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""Run files are never overwritten, and a kill at any moment loses no flushed row.
+
+Real 2-rank runs, killed with SIGKILL (launcher and ranks) at random moments
+spread over their flushes, then relaunched: every kill must leave a file that
+opens, whose steps run from 1 without a gap, and that still holds every row an
+earlier open had seen, with the same values (a CPU resume is bit-identical).
+"""
+
+import hashlib
+import os
+import random
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from tests.mpi_util import finish, kill_job, run_ranks, start_ranks
+
+CFG = {
+    "run": {"name": "k", "epochs": 100, "seed": 2},
+    "data": {"name": "synthetic", "synthetic_size": 256, "batch_size": 16},  # 8 steps/epoch
+    "model": {"name": "mlp"},
+    "topology": {"name": "ring"},
+    "metrics": {"log_every": 1, "exact_every": 0, "eval_every": 2, "flush_every": 1},
+    "checkpoint": {"every": 3},
+}
+KILLS = 50
+DETERMINISTIC = ("train_loss", "train_acc", "consensus_estimate", "lr", "gossip_rounds")
+
+
+def _config(tmp_path, **sections) -> str:
+    cfg = yaml.safe_load(yaml.safe_dump(CFG))
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    cfg["run"]["out_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _rows(h5: str) -> dict[str, np.ndarray]:
+    with h5py.File(h5, "r", locking=False) as f:
+        return {k: v[()] for k, v in f["steps"].items()}
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.mpi
+def test_fifty_kills_lose_no_flushed_row(tmp_path):
+    cfg = _config(tmp_path)
+    h5 = str(tmp_path / "runs" / "k.h5")
+    rng = random.Random(0)
+    seen: dict[int, tuple] = {}  # step -> deterministic values, from every successful open
+    checked = resumed = refused = 0
+    extra: list[str] = []
+    started = time.monotonic()
+    for _ in range(KILLS):
+        before = _digest(h5) if os.path.exists(h5) else None
+        proc = start_ranks(2, ["-m", "dsgd_mpi.run", cfg, *extra])
+        extra = []
+        # From launch to kill: before the file exists, while the job starts (torch import,
+        # resume), and over the flushes that follow.
+        deadline = time.monotonic() + rng.uniform(1.0, 6.0)
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            # Killed before its first checkpoint, the run cannot be resumed: the relaunch
+            # is refused and must leave the file as it was. Start over, keeping it aside.
+            out = finish(proc, 10)
+            assert out.returncode == 2 and "no checkpoint of it to resume" in out.stderr, out
+            assert _digest(h5) == before
+            refused += 1
+            extra, seen = ["run.overwrite=true"], {}
+            continue
+        kill_job(proc, signal.SIGKILL)
+        out = finish(proc, 30)
+        resumed += "resumed from" in out.stdout
+        if not os.path.exists(h5):
+            continue
+        rows = _rows(h5)  # must open
+        checked += 1
+        steps = rows["step"]
+        np.testing.assert_array_equal(steps, np.arange(1, len(steps) + 1))
+        lost = [s for s in seen if s > len(steps)]
+        assert not lost, f"rows seen before are gone: steps {lost[:5]}"
+        for i, step in enumerate(steps):
+            values = tuple(float(rows[k][i]) for k in DETERMINISTIC)
+            if step in seen:
+                np.testing.assert_array_equal(values, seen[step], err_msg=f"step {step}")
+            seen[int(step)] = values
+    took = time.monotonic() - started
+    print(f"kill loop: {KILLS} launches, {checked} files checked, rows lost: 0, "
+          f"{resumed} resumed, {refused} refused, {len(seen)} steps, {took:.0f} s")
+    assert checked >= KILLS // 2 and resumed >= KILLS // 3  # the kills did hit the flushes
+    assert not [n for n in os.listdir(tmp_path / "runs") if n.endswith(".tmp")]  # swept
+
+
+@pytest.mark.mpi
+def test_a_finished_run_is_never_overwritten_by_its_own_command(tmp_path):
+    cfg = _config(tmp_path, run={"epochs": 1}, checkpoint={"every": 0})
+    h5 = str(tmp_path / "runs" / "k.h5")
+    run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=120).check_returncode()
+    before = _digest(h5)
+    again = run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=120)
+    assert again.returncode == 2, again.stdout + again.stderr
+    for words in ("run.name", h5, "a finished run", "run.overwrite=true"):
+        assert words in again.stderr
+    assert _digest(h5) == before
+    over = run_ranks(2, ["-m", "dsgd_mpi.run", cfg, "run.overwrite=true"], timeout=120)
+    assert over.returncode == 0, over.stderr
+    assert _digest(h5 + ".1") == before  # the old run, kept
+    with h5py.File(h5, "r", locking=False) as f:
+        assert "finished" in f.attrs and len(f["steps"]["step"]) == 8
+
+
+@pytest.mark.mpi
+def test_an_unfinished_run_without_checkpoint_is_refused_untouched(tmp_path):
+    cfg = _config(tmp_path, checkpoint={"every": 0})
+    h5 = str(tmp_path / "runs" / "k.h5")
+    proc = start_ranks(2, ["-m", "dsgd_mpi.run", cfg])
+    deadline = time.monotonic() + 120
+    while not os.path.exists(h5) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    kill_job(proc, signal.SIGKILL)
+    finish(proc, 30)
+    before = _digest(h5)
+    again = run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=120)
+    assert again.returncode == 2 and "an unfinished run" in again.stderr
+    assert _digest(h5) == before
