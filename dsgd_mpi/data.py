@@ -5,8 +5,9 @@ A dataset is a :class:`Split`: uint8 images ``(N, C, H, W)`` and int64 labels
 normalisation are tensor ops on the whole batch (no per-sample PIL), on the
 batch's device.
 
-Randomness is a pure function of seeds, so every rank can compute every other
-rank's shard without communication and a resumed run sees identical batches:
+Randomness is a pure function of seeds (streams in :mod:`dsgd_mpi.seeds`), so
+every rank can compute every other rank's shard without communication and a
+resumed run sees identical batches:
 
 - iid permutation of the train set:   (seed, epoch)             - same on all ranks
 - dirichlet partition:                (seed)                    - same on all ranks
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from dsgd_mpi.seeds import Stream
 
 __all__ = [
     "DATASETS",
@@ -89,22 +92,6 @@ INFOS: dict[str, DatasetInfo] = {
 }
 DATASETS: tuple[str, ...] = tuple(INFOS)
 AUGMENTED = frozenset({"cifar10", "cifar100", "imagenet32"})
-
-# Tags that keep the different random streams apart.
-_PERM, _DIRICHLET, _SHUFFLE, _AUGMENT, _SYNTH = 1, 2, 3, 4, 5
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (SeedSequence: well spread, platform independent)."""
-    words = [int(p) % (1 << 64) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _generator(*parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(_seed(*parts))
-    return g
-
 
 # ----------------------------------------------------------------------------- loading
 
@@ -335,10 +322,11 @@ def _synthetic(size: int, train: bool, seed: int) -> Split:
     """
     if size < 1:
         raise DataError(f"synthetic_size must be positive, got {size}")
-    proto_rng = np.random.default_rng(np.random.SeedSequence([_SYNTH, seed % (1 << 64)]))
+    words = [int(Stream.SYNTH), seed % (1 << 64)]
+    proto_rng = np.random.default_rng(np.random.SeedSequence(words))
     coarse = proto_rng.random((10, 7, 7))
     protos = coarse.repeat(4, axis=1).repeat(4, axis=2)  # (10, 28, 28) blocky patterns
-    rng = np.random.default_rng(np.random.SeedSequence([_SYNTH, seed % (1 << 64), int(train)]))
+    rng = np.random.default_rng(np.random.SeedSequence([*words, int(train)]))
     labels = rng.permutation(np.arange(size) % 10)
     x = 0.25 + 0.15 * protos[labels] + rng.normal(0.0, 0.3, size=(size, 28, 28))
     images = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

@@ -13,20 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-# Seed streams are shared with the readers so that every random draw of a run
-# comes from one (seed, purpose, ...) scheme.
-from dsgd_mpi.data import (
-    _AUGMENT,
-    _DIRICHLET,
-    _PERM,
-    _SHUFFLE,
-    AUGMENTED,
-    PAD,
-    DataError,
-    DatasetInfo,
-    Split,
-    _generator,
-)
+from dsgd_mpi.data import AUGMENTED, PAD, DataError, DatasetInfo, Split
+from dsgd_mpi.seeds import Stream, generator
 
 
 def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
@@ -85,7 +73,7 @@ def dirichlet_partition(
         raise DataError(
             f"dirichlet: {n} samples cannot give {world_size} shards of >= {min_size} samples"
         )
-    rng = np.random.default_rng(np.random.SeedSequence([_DIRICHLET, seed % (1 << 64)]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(Stream.DIRICHLET), seed % (1 << 64)]))
     classes = np.unique(labels)
     cap = n / world_size
     best = 0
@@ -184,10 +172,10 @@ class ShardedLoader:
         """This rank's sample indices for ``epoch``, in batch order (tail included)."""
         e = epoch if self.reshuffle else 0
         if self.shard is None:
-            perm = torch.randperm(len(self.split), generator=_generator(_PERM, self.seed, e))
+            perm = torch.randperm(len(self.split), generator=generator(Stream.PERM, self.seed, e))
             lo = self.rank * self.shard_size
             return perm[lo : lo + self.shard_size]
-        g = _generator(_SHUFFLE, self.seed, self.rank, e)
+        g = generator(Stream.SHUFFLE, self.seed, self.rank, e)
         return self.shard[torch.randperm(self.shard_size, generator=g)]
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -201,7 +189,9 @@ class ShardedLoader:
             images = self.split.images[idx].to(self.device, non_blocking=True)
             labels = self.split.labels[idx].to(self.device, non_blocking=True)
             if self.augment:
-                images = augment_batch(images, _generator(_AUGMENT, self.seed, self.rank, epoch, b))
+                images = augment_batch(
+                    images, generator(Stream.AUGMENT, self.seed, self.rank, epoch, b)
+                )
             yield normalize(images, self.info), labels
 
 
