@@ -6,13 +6,16 @@ import gzip
 import os
 import pickle
 import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dsgd_mpi.data import DataError, Split, load, read_idx
+from dsgd_mpi.data import DataError, Split, fetch_once, load, read_idx
 from dsgd_mpi.shards import ShardedLoader, augment_batch, eval_batches
 
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -393,3 +396,136 @@ def test_eval_not_augmented() -> None:
 
     assert torch.equal(x, normalize(split.images, info))
     assert torch.equal(y, split.labels)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def play_ranks(size: int, per_node: int, disk_of, download_of) -> list:
+    """Threads playing ``size`` ranks on nodes of ``per_node``; returns what each saw."""
+    barrier = threading.Barrier(size, timeout=60)  # a safety net against a hang, not a timing
+
+    def rank_main(rank: int):
+        disk = disk_of(rank)
+        try:
+            fetch_once(
+                lambda: "data" in disk,
+                download_of(rank, disk),
+                rank0=rank == 0,
+                node_leader=rank % per_node == 0,
+                barrier=barrier.wait,
+            )
+        except DataError as e:
+            barrier.abort()  # what the runner's MPI_Abort does for the real ranks
+            return e
+        except threading.BrokenBarrierError:
+            return "aborted"
+        return "data" in disk  # every rank reads once fetch_once returns
+
+    with ThreadPoolExecutor(size) as pool:
+        return list(pool.map(rank_main, range(size)))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_fs", "node_local"])
+def test_fetch_once_downloads_once_per_file_system(shared: bool) -> None:
+    nodes, per_node = 2, 3
+    disks = [set() for _ in range(1 if shared else nodes)]
+    downloads: list[int] = []
+    lock = threading.Lock()
+
+    def disk_of(rank: int) -> set:
+        return disks[0] if shared else disks[rank // per_node]
+
+    def download_of(rank: int, disk: set):
+        def download() -> None:
+            with lock:
+                downloads.append(rank)
+            time.sleep(0.02)  # widen the window in which an early reader would miss the files
+            disk.add("data")
+
+        return download
+
+    seen = play_ranks(nodes * per_node, per_node, disk_of, download_of)
+    assert seen == [True] * (nodes * per_node)
+    assert sorted(downloads) == ([0] if shared else [0, per_node])
+    # a second run finds everything in place and downloads nothing
+    downloads.clear()
+    assert play_ranks(nodes * per_node, per_node, disk_of, download_of) == [True] * 6
+    assert downloads == []
+
+
+@pytest.mark.parametrize("failing_rank", [0, 2])
+def test_fetch_once_failure_raises_on_the_downloader(failing_rank: int) -> None:
+    """The failing rank raises DataError; the others wait until the runner aborts."""
+    disks = [set(), set()]
+
+    def download_of(rank: int, disk: set):
+        def download() -> None:
+            if rank == failing_rank:
+                raise OSError("network unreachable")
+            disk.add("data")
+
+        return download
+
+    seen = play_ranks(4, 2, lambda r: disks[r // 2], download_of)
+    err = seen[failing_rank]
+    assert isinstance(err, DataError) and "network unreachable" in str(err)
+    assert all(s == "aborted" for r, s in enumerate(seen) if r != failing_rank)
+
+
+def test_fetch_once_download_without_files_is_an_error() -> None:
+    seen = play_ranks(2, 2, lambda r: set(), lambda r, d: lambda: None)
+    assert isinstance(seen[0], DataError) and "missing" in str(seen[0])
+    assert seen[1] == "aborted"
+
+
+def test_load_calls_coordinate_then_reads(tmp_path: Path) -> None:
+    calls: list[bool] = []
+
+    def coordinate(have_files, download) -> None:
+        calls.append(have_files())
+        make_fmnist(tmp_path)  # stands in for the rank that downloads
+        calls.append(have_files())
+
+    split, _ = load(
+        "fashion_mnist", str(tmp_path), train=True, download=True, coordinate=coordinate
+    )
+    assert calls == [False, True] and len(split) == 30
+    # a collective: called even when the files are there; never without download
+    calls.clear()
+    load("fashion_mnist", str(tmp_path), train=False, download=True, coordinate=coordinate)
+    assert calls == [True, True]
+    calls.clear()
+    load("fashion_mnist", str(tmp_path), train=False, coordinate=coordinate)
+    load("synthetic", "", train=True, synthetic_size=20, download=True, coordinate=coordinate)
+    assert calls == []
+
+
+def test_load_download_callback_is_torchvision(tmp_path: Path, monkeypatch) -> None:
+    """The callback handed to coordinate fetches with torchvision into root."""
+    torchvision = pytest.importorskip("torchvision")
+    fetched: list[tuple[str, bool]] = []
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            fetched.append((root, train))
+            folder = Path(root) / "cifar-10-batches-py"
+            for i in range(5):
+                dump(folder / f"data_batch_{i + 1}", cifar_batch(3, b"labels", 10, seed=i))
+            dump(folder / "test_batch", cifar_batch(2, b"labels", 10, seed=9))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    coordinate = lambda have, download: fetch_once(  # noqa: E731
+        have, download, rank0=True, node_leader=True, barrier=lambda: None
+    )
+    train, _ = load("cifar10", str(tmp_path), train=True, download=True, coordinate=coordinate)
+    test, _ = load("cifar10", str(tmp_path), train=False, download=True, coordinate=coordinate)
+    assert fetched == [(str(tmp_path), True)]  # the test split was already there
+    assert len(train) == 15 and len(test) == 2
+
+    def broken(root: str, train: bool, download: bool) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", broken)
+    with pytest.raises(DataError, match="cifar100: download into .* failed: disk full"):
+        load("cifar100", str(tmp_path), train=True, download=True, coordinate=coordinate)
