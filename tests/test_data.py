@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsgd_mpi.data import DataError, Split, fetch_once, load, read_idx
-from dsgd_mpi.shards import ShardedLoader, augment_batch, eval_batches
+from dsgd_mpi.data import INFOS, DataError, Split, fetch_once, load, read_idx
+from dsgd_mpi.shards import ShardedLoader, augment_batch, eval_batches, normalize
 
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -68,8 +68,6 @@ def synthetic_split(n: int = 400, seed: int = 0) -> tuple[Split, object]:
 
 
 def cifar_like(n: int = 64) -> tuple[Split, object]:
-    from dsgd_mpi.data import INFOS
-
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.arange(n, dtype=torch.int64) % 10
@@ -282,12 +280,13 @@ def test_dirichlet_disjoint_covering_nonuniform() -> None:
     frac = hists / hists.sum(1, keepdim=True)
     assert frac.max() > 0.3  # uniform would be 0.1 everywhere
     assert (frac - 0.1).abs().sum(1).min() > 0.5
-    steps = {ld.steps_per_epoch for ld in ls}
-    assert steps == {min(len(s) for s in shards) // 16}
-    # fixed shard, reshuffled within per epoch
+    # the same epoch as iid for every rank, not the smallest shard's (the old bug)
+    assert {ld.steps_per_epoch for ld in ls} == {2000 // 4 // 16}
+    assert min(len(s) for s in shards) < 2000 // 4  # so some rank must wrap around
+    # fixed shard; every epoch reads from it only, in a new order
     ld = ls[1]
     e0, e1 = ld.epoch_indices(0), ld.epoch_indices(1)
-    assert sorted(e0.tolist()) == sorted(e1.tolist()) == ld.shard.tolist()
+    assert set(e0.tolist()) | set(e1.tolist()) <= set(ld.shard.tolist())
     assert not torch.equal(e0, e1)
     # same seed -> same shards on an independently built object
     again = ShardedLoader(
@@ -392,8 +391,6 @@ def test_eval_slices_cover_once(world_size: int) -> None:
 def test_eval_not_augmented() -> None:
     split, info = cifar_like(20)
     ((x, y),) = list(eval_batches(split, info, rank=0, world_size=1))
-    from dsgd_mpi.shards import normalize
-
     assert torch.equal(x, normalize(split.images, info))
     assert torch.equal(y, split.labels)
 
@@ -529,3 +526,172 @@ def test_load_download_callback_is_torchvision(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", broken)
     with pytest.raises(DataError, match="cifar100: download into .* failed: disk full"):
         load("cifar100", str(tmp_path), train=True, download=True, coordinate=coordinate)
+
+
+# ----------------------------------------------------------------------------- cycling
+
+
+def cifar_sized_labels(n: int = 50_000) -> tuple[Split, object]:
+    """CIFAR-10's label counts; the images are one zero image repeated (no memory)."""
+    images = torch.zeros((1, 3, 32, 32), dtype=torch.uint8).expand(n, 3, 32, 32)
+    return Split(images, torch.arange(n, dtype=torch.int64) % 10), INFOS["cifar10"]
+
+
+def test_dirichlet_cifar_16_ranks_full_epochs() -> None:
+    split, info = cifar_sized_labels()
+    ls = loaders(split, info, 16, batch_size=32, partition="dirichlet", alpha=0.1, seed=0)
+    assert {ld.steps_per_epoch for ld in ls} == {97}  # 3125 samples per rank, 32 per batch
+    sizes = [ld.shard_size for ld in ls]
+    assert min(sizes) < 97 * 32 < max(sizes)  # some ranks wrap, others carry over
+    for ld in ls:
+        own = set(ld.shard.tolist())
+        for epoch in (0, 1, 5):
+            idx = ld.epoch_indices(epoch)
+            assert len(idx) == 97 * 32 and set(idx.tolist()) <= own
+    ld = ls[sizes.index(min(sizes))]
+    labels = torch.cat([y for _, y in ld.batches(3)])
+    assert torch.equal(labels, split.labels[ld.epoch_indices(3)])
+
+
+def id_split(n: int) -> tuple[Split, object]:
+    """CIFAR-shaped images whose pixels encode the sample index (base 256)."""
+    ids = torch.arange(n)
+    images = torch.stack([ids % 256, ids // 256, ids % 7], 1).to(torch.uint8)
+    images = images[:, :, None, None].expand(n, 3, 32, 32).contiguous()
+    return Split(images, ids % 10), INFOS["cifar10"]
+
+
+def test_dirichlet_batches_come_from_own_shard() -> None:
+    split, info = id_split(800)
+    ls = loaders(split, info, 4, batch_size=8, partition="dirichlet", alpha=0.1, seed=2)
+    for ld in ls:
+        own = set(ld.shard.tolist())
+        for epoch in (0, 3):
+            xs = torch.cat([x for x, _ in ld.batches(epoch)])
+            assert len(xs) == (800 // 4 // 8) * 8
+            # undo the normalisation of the two id channels, read the ids back
+            scale = torch.tensor(info.std[:2]).view(1, 2) * 255
+            shift = torch.tensor(info.mean[:2]).view(1, 2) * 255
+            digits = (xs[:, :2, 0, 0] * scale + shift).round().long()
+            ids = digits[:, 0] + 256 * digits[:, 1]
+            assert set(ids.tolist()) <= own
+            assert torch.equal(ids, ld.epoch_indices(epoch))
+
+
+@pytest.mark.parametrize("which", ["smallest", "largest"])
+def test_dirichlet_cycling_covers_shard_before_repeating(which: str) -> None:
+    split, info = synthetic_split(2000)
+    ls = loaders(split, info, 4, batch_size=16, partition="dirichlet", alpha=0.1, seed=0)
+    pick = min if which == "smallest" else max
+    ld = pick(ls, key=lambda x: x.shard_size)
+    size = ld.shard_size
+    stream = torch.cat([ld.epoch_indices(e) for e in range(4 * size // ld.epoch_size + 2)])
+    passes = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert len(passes) >= 3
+    for p in passes[:-1]:  # every full pass is the whole shard once
+        assert sorted(p.tolist()) == ld.shard.tolist()
+    assert len(set(passes[-1].tolist())) == len(passes[-1])  # the partial one has no repeat
+    assert not torch.equal(passes[0], passes[1])  # each pass in a new order
+    fixed = ShardedLoader(
+        split, info, rank=ld.rank, world_size=4, batch_size=16, partition="dirichlet",
+        alpha=0.1, seed=0, reshuffle=False,
+    )  # fmt: skip
+    fstream = torch.cat([fixed.epoch_indices(e) for e in range(4)])
+    assert torch.equal(fstream[size : 2 * size], fstream[:size])  # same order every pass
+
+
+def test_dirichlet_resume_equals_tail_across_wraps() -> None:
+    split, info = cifar_like(400)
+    kw = dict(world_size=4, batch_size=8, partition="dirichlet", alpha=0.1, augment=True, seed=3)
+    ls = [ShardedLoader(split, info, rank=r, **kw) for r in range(4)]
+    ld = min(ls, key=lambda x: x.shard_size)
+    assert ld.shard_size < ld.epoch_size  # this rank wraps within an epoch
+    for epoch in (0, 2):
+        full = list(ld.batches(epoch))
+        again = ShardedLoader(split, info, rank=ld.rank, **kw)  # a restarted process
+        tail = list(again.batches(epoch, start=5))
+        assert len(full) == ld.steps_per_epoch and len(tail) == ld.steps_per_epoch - 5
+        for (xa, ya), (xb, yb) in zip(full[5:], tail, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_dirichlet_tiny_shards_allowed() -> None:
+    """Cycling needs one sample per shard, not a batch: 10 samples, 4 ranks, batch 2."""
+    split, info = synthetic_split(10)
+    ls = loaders(split, info, 4, batch_size=2, partition="dirichlet", alpha=0.1, seed=1)
+    assert sorted(torch.cat([ld.shard for ld in ls]).tolist()) == list(range(10))
+    for ld in ls:
+        assert ld.steps_per_epoch == 1 and ld.shard_size >= 1
+        ((x, y),) = list(ld.batches(4))
+        assert len(x) == 2 and set(ld.epoch_indices(4).tolist()) <= set(ld.shard.tolist())
+
+
+# ----------------------------------------------------------------------------- device paths
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_host_gather_path_matches_resident(partition: str) -> None:
+    split, info = cifar_like(256)
+    kw = dict(rank=1, world_size=2, batch_size=16, partition=partition, augment=True, seed=4)
+    resident = ShardedLoader(split, info, **kw)
+    host = ShardedLoader(split, info, max_device_bytes=0, **kw)
+    assert resident.resident and not host.resident
+    for (xa, ya), (xb, yb) in zip(resident.batches(1), host.batches(1, 0), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    whole = list(eval_batches(split, info, rank=1, world_size=3, batch_size=30))
+    piecewise = list(
+        eval_batches(split, info, rank=1, world_size=3, batch_size=30, max_device_bytes=0)
+    )
+    assert len(whole) == len(piecewise) == 3
+    for (xa, ya), (xb, yb) in zip(whole, piecewise, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_augmentation_repeats_run_to_run_on_cpu() -> None:
+    """Two loaders built apart (two processes, say) draw the same crops in every batch."""
+    split, info = cifar_like(128)
+    kw = dict(rank=0, world_size=1, batch_size=32, augment=True, seed=11)
+    first = [x for x, _ in ShardedLoader(split, info, **kw).batches(2)]
+    ld = ShardedLoader(split, info, **kw)
+    list(ld.batches(0))  # the reseeded generator carries nothing between batches or epochs
+    second = [x for x, _ in ld.batches(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_split_to_same_device_is_itself() -> None:
+    split, _ = cifar_like(8)
+    assert split.to("cpu") is split
+
+
+# ----------------------------------------------------------------------------- resize
+
+
+def test_resize_train_and_eval() -> None:
+    split, info = cifar_like(64)
+    split.images[:] = 77  # a constant image stays constant under bilinear resizing
+    ld = ShardedLoader(split, info, rank=0, world_size=1, batch_size=16, resize=56)
+    x, y = next(iter(ld.batches(0)))
+    assert x.shape == (16, 3, 56, 56) and x.dtype == torch.float32 and y.shape == (16,)
+    want = normalize(split.images[:1, :, :1, :1], info)
+    assert torch.allclose(x, want.expand_as(x), atol=1e-5)
+    ((xe, ye),) = list(eval_batches(split, info, rank=0, world_size=1, resize=56))
+    assert xe.shape == (64, 3, 56, 56) and torch.allclose(xe, want.expand_as(xe), atol=1e-5)
+
+
+def test_resize_keeps_content() -> None:
+    split, info = cifar_like(32)
+    plain = next(iter(eval_batches(split, info, rank=0, world_size=1)))[0]
+    big = next(iter(eval_batches(split, info, rank=0, world_size=1, resize=64)))[0]
+    same = next(iter(eval_batches(split, info, rank=0, world_size=1, resize=32)))[0]
+    assert torch.equal(same, plain)
+    # a 2x bilinear upsampling keeps each image's per-channel mean (up to the border)
+    assert torch.allclose(big.mean((2, 3)), plain.mean((2, 3)), atol=0.05)
+
+
+def test_bad_resize() -> None:
+    split, info = cifar_like(16)
+    for bad in (0, -3, True):
+        with pytest.raises(DataError, match="resize"):
+            ShardedLoader(split, info, rank=0, world_size=1, batch_size=4, resize=bad)
+        with pytest.raises(DataError, match="resize"):
+            next(eval_batches(split, info, rank=0, world_size=1, resize=bad))
