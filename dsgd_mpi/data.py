@@ -5,15 +5,18 @@ A dataset is a :class:`Split`: uint8 images ``(N, C, H, W)`` and int64 labels
 normalisation are tensor ops on the whole batch (no per-sample PIL), on the
 batch's device.
 
-Randomness is a pure function of seeds, so every rank can compute every other
-rank's shard without communication and a resumed run sees identical batches:
+Randomness is a pure function of seeds (streams in :mod:`dsgd_mpi.seeds`), so
+every rank can compute every other rank's shard without communication and a
+resumed run sees identical batches:
 
 - iid permutation of the train set:   (seed, epoch)             - same on all ranks
 - dirichlet partition:                (seed)                    - same on all ranks
-- dirichlet within-shard shuffle:     (seed, rank, epoch)
+- order of pass p over a dirichlet shard: (seed, rank, p)
 - augmentation of batch b:            (seed, rank, epoch, b)
 
-This module knows nothing of MPI: ``rank`` and ``world_size`` are plain ints.
+This module knows nothing of MPI: ``rank`` and ``world_size`` are plain ints,
+and a download is coordinated through callbacks (:func:`fetch_once`) that the
+runner builds from its communicator.
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dsgd_mpi.seeds import Stream
+
 __all__ = [
     "DATASETS",
+    "Coordinator",
     "DataError",
     "DatasetInfo",
     "Split",
+    "fetch_once",
     "load",
     "read_idx",
 ]
@@ -73,6 +81,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: str | torch.device) -> Split:
+        """The same split with both tensors on ``device`` (itself if already there).
+
+        Lets a caller keep the test set resident on the GPU once instead of
+        copying it on every evaluation.
+        """
+        device = torch.device(device)
+        if self.images.device == device and self.labels.device == device:
+            return self
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 INFOS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, 28, (0.2860,), (0.3530,)),
@@ -90,23 +109,12 @@ INFOS: dict[str, DatasetInfo] = {
 DATASETS: tuple[str, ...] = tuple(INFOS)
 AUGMENTED = frozenset({"cifar10", "cifar100", "imagenet32"})
 
-# Tags that keep the different random streams apart.
-_PERM, _DIRICHLET, _SHUFFLE, _AUGMENT, _SYNTH = 1, 2, 3, 4, 5
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (SeedSequence: well spread, platform independent)."""
-    words = [int(p) % (1 << 64) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _generator(*parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(_seed(*parts))
-    return g
-
-
 # ----------------------------------------------------------------------------- loading
+
+
+Coordinator = Callable[[Callable[[], bool], Callable[[], None]], None]
+"""``coordinate(have_files, download)``: runs ``download`` on the ranks that should, collectively
+(e.g. ``functools.partial(fetch_once, rank0=..., node_leader=..., barrier=comm.Barrier)``)."""
 
 
 def load(
@@ -117,17 +125,35 @@ def load(
     download: bool = False,
     synthetic_size: int = 2048,
     seed: int = 0,
+    coordinate: Coordinator | None = None,
 ) -> tuple[Split, DatasetInfo]:
-    """Load the train or test split of dataset ``name`` from ``root`` into memory."""
+    """Load the train or test split of dataset ``name`` from ``root`` into memory.
+
+    With ``download`` a missing fashion_mnist / cifar10 / cifar100 is fetched
+    with torchvision first. Alone (``coordinate=None``) this process downloads
+    if it does not see the files: right for one process, a race when many
+    ranks share ``root``. Under MPI pass ``coordinate`` (see :func:`fetch_once`):
+    it is then called on every rank with this data set's ``have_files`` and
+    ``download`` callbacks and decides who downloads while the others wait;
+    afterwards every rank only reads. It is a collective: whether it is called
+    depends only on (name, download), so all ranks agree.
+    """
     key = name.lower().replace("-", "_")
     if key not in INFOS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     info = INFOS[key]
     root = os.path.expanduser(str(root)) if root is not None else ""
+    source = _download_source(key, root, train)
+    if download and source is not None:
+        have_files, fetch = source
+        if coordinate is not None:
+            coordinate(have_files, fetch)
+        elif not have_files():
+            fetch()
     if key == "fashion_mnist":
-        split = _load_fashion_mnist(root, train, download)
+        split = _load_fashion_mnist(root, train)
     elif key in ("cifar10", "cifar100"):
-        split = _load_cifar(key, root, train, download)
+        split = _load_cifar(key, root, train)
     elif key == "imagenet32":
         split = _load_imagenet32(root, train, download)
     else:
@@ -143,6 +169,77 @@ def load(
             f"(min {int(split.labels.min())}, max {int(split.labels.max())})"
         )
     return split, info
+
+
+def fetch_once(
+    have_files: Callable[[], bool],
+    download: Callable[[], None],
+    *,
+    rank0: bool,
+    node_leader: bool,
+    barrier: Callable[[], None],
+) -> None:
+    """Download a data set once per file system while the other ranks wait; collective.
+
+    Every rank calls this with its own view of the files. Rank 0 downloads if
+    it does not see them (on a shared file system that serves everyone);
+    barrier; then a node leader (one rank per node) that still does not see
+    them downloads, for a ``root`` on node-local disk; barrier. On return every
+    rank may read. Nobody else writes into ``root``, so two processes never
+    extract the same archive at once.
+
+    A failed download raises :class:`DataError` on the downloading rank, which
+    then never reaches the barrier its peers wait in. Leaving the barrier is
+    the caller's job: the runner must turn the exception into ``MPI_Abort``
+    (as it does for any exception on one rank), or the others hang.
+    """
+    if rank0 and not have_files():
+        _download_checked(have_files, download)
+    barrier()
+    if node_leader and not rank0 and not have_files():
+        _download_checked(have_files, download)
+    barrier()
+
+
+def _download_checked(have_files: Callable[[], bool], download: Callable[[], None]) -> None:
+    try:
+        download()
+    except DataError:
+        raise
+    except Exception as e:  # network, disk: report as a data problem
+        raise DataError(f"download failed: {e}") from e
+    if not have_files():  # fail here, on the rank that knows why, not later on every reader
+        raise DataError("download finished but the expected files are still missing")
+
+
+def _download_source(
+    key: str, root: str, train: bool
+) -> tuple[Callable[[], bool], Callable[[], None]] | None:
+    """(have_files, download) for a data set torchvision can fetch, else None."""
+    if key == "fashion_mnist":
+        bases = _IDX_FILES[train]
+
+        def have() -> bool:
+            return all(_find_idx(root, b) is not None for b in bases)
+
+        return have, lambda: _torchvision_download(key, "FashionMNIST", root, train)
+    if key in _CIFAR:
+        folder, train_files, test_files, _, tv_class = _CIFAR[key]
+        files = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
+        return (
+            lambda: all(os.path.isfile(p) for p in files),
+            lambda: _torchvision_download(key, tv_class, root, train),
+        )
+    return None
+
+
+def _torchvision_download(key: str, tv_class: str, root: str, train: bool) -> None:
+    try:
+        import torchvision
+
+        getattr(torchvision.datasets, tv_class)(root, train=train, download=True)
+    except Exception as e:  # network, disk: report as a data problem
+        raise DataError(f"{key}: download into {root} failed: {e}") from e
 
 
 # Fashion-MNIST (IDX) ---------------------------------------------------------------
@@ -199,17 +296,9 @@ def _find_idx(root: str, base: str) -> str | None:
     return None
 
 
-def _load_fashion_mnist(root: str, train: bool, download: bool) -> Split:
+def _load_fashion_mnist(root: str, train: bool) -> Split:
     bases = _IDX_FILES[train]
     paths = [_find_idx(root, b) for b in bases]
-    if None in paths and download:
-        try:
-            import torchvision
-
-            torchvision.datasets.FashionMNIST(root, train=train, download=True)
-        except Exception as e:  # network, disk: report as a data problem
-            raise DataError(f"fashion_mnist: download into {root} failed: {e}") from e
-        paths = [_find_idx(root, b) for b in bases]
     for base, path in zip(bases, paths, strict=True):
         if path is None:
             raise DataError(
@@ -265,16 +354,9 @@ def _read_cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray
     return data, labels
 
 
-def _load_cifar(name: str, root: str, train: bool, download: bool) -> Split:
-    folder, train_files, test_files, label_key, tv_class = _CIFAR[name]
+def _load_cifar(name: str, root: str, train: bool) -> Split:
+    folder, train_files, test_files, label_key, _ = _CIFAR[name]
     files = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
-    if download and not all(os.path.isfile(p) for p in files):
-        try:
-            import torchvision
-
-            getattr(torchvision.datasets, tv_class)(root, train=train, download=True)
-        except Exception as e:
-            raise DataError(f"{name}: download into {root} failed: {e}") from e
     for p in files:
         if not os.path.isfile(p):
             raise DataError(f"{name}: missing file {p} (load with download=True to fetch it)")
@@ -335,10 +417,11 @@ def _synthetic(size: int, train: bool, seed: int) -> Split:
     """
     if size < 1:
         raise DataError(f"synthetic_size must be positive, got {size}")
-    proto_rng = np.random.default_rng(np.random.SeedSequence([_SYNTH, seed % (1 << 64)]))
+    words = [int(Stream.SYNTH), seed % (1 << 64)]
+    proto_rng = np.random.default_rng(np.random.SeedSequence(words))
     coarse = proto_rng.random((10, 7, 7))
     protos = coarse.repeat(4, axis=1).repeat(4, axis=2)  # (10, 28, 28) blocky patterns
-    rng = np.random.default_rng(np.random.SeedSequence([_SYNTH, seed % (1 << 64), int(train)]))
+    rng = np.random.default_rng(np.random.SeedSequence([*words, int(train)]))
     labels = rng.permutation(np.arange(size) % 10)
     x = 0.25 + 0.15 * protos[labels] + rng.normal(0.0, 0.3, size=(size, 28, 28))
     images = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

@@ -6,14 +6,17 @@ import gzip
 import os
 import pickle
 import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dsgd_mpi.data import DataError, Split, load, read_idx
-from dsgd_mpi.shards import ShardedLoader, augment_batch, eval_batches
+from dsgd_mpi.data import INFOS, DataError, Split, fetch_once, load, read_idx
+from dsgd_mpi.shards import ShardedLoader, augment_batch, eval_batches, normalize
 
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -65,8 +68,6 @@ def synthetic_split(n: int = 400, seed: int = 0) -> tuple[Split, object]:
 
 
 def cifar_like(n: int = 64) -> tuple[Split, object]:
-    from dsgd_mpi.data import INFOS
-
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.arange(n, dtype=torch.int64) % 10
@@ -279,12 +280,13 @@ def test_dirichlet_disjoint_covering_nonuniform() -> None:
     frac = hists / hists.sum(1, keepdim=True)
     assert frac.max() > 0.3  # uniform would be 0.1 everywhere
     assert (frac - 0.1).abs().sum(1).min() > 0.5
-    steps = {ld.steps_per_epoch for ld in ls}
-    assert steps == {min(len(s) for s in shards) // 16}
-    # fixed shard, reshuffled within per epoch
+    # the same epoch as iid for every rank, not the smallest shard's (the old bug)
+    assert {ld.steps_per_epoch for ld in ls} == {2000 // 4 // 16}
+    assert min(len(s) for s in shards) < 2000 // 4  # so some rank must wrap around
+    # fixed shard; every epoch reads from it only, in a new order
     ld = ls[1]
     e0, e1 = ld.epoch_indices(0), ld.epoch_indices(1)
-    assert sorted(e0.tolist()) == sorted(e1.tolist()) == ld.shard.tolist()
+    assert set(e0.tolist()) | set(e1.tolist()) <= set(ld.shard.tolist())
     assert not torch.equal(e0, e1)
     # same seed -> same shards on an independently built object
     again = ShardedLoader(
@@ -389,7 +391,307 @@ def test_eval_slices_cover_once(world_size: int) -> None:
 def test_eval_not_augmented() -> None:
     split, info = cifar_like(20)
     ((x, y),) = list(eval_batches(split, info, rank=0, world_size=1))
-    from dsgd_mpi.shards import normalize
-
     assert torch.equal(x, normalize(split.images, info))
     assert torch.equal(y, split.labels)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def play_ranks(size: int, per_node: int, disk_of, download_of) -> list:
+    """Threads playing ``size`` ranks on nodes of ``per_node``; returns what each saw."""
+    barrier = threading.Barrier(size, timeout=60)  # a safety net against a hang, not a timing
+
+    def rank_main(rank: int):
+        disk = disk_of(rank)
+        try:
+            fetch_once(
+                lambda: "data" in disk,
+                download_of(rank, disk),
+                rank0=rank == 0,
+                node_leader=rank % per_node == 0,
+                barrier=barrier.wait,
+            )
+        except DataError as e:
+            barrier.abort()  # what the runner's MPI_Abort does for the real ranks
+            return e
+        except threading.BrokenBarrierError:
+            return "aborted"
+        return "data" in disk  # every rank reads once fetch_once returns
+
+    with ThreadPoolExecutor(size) as pool:
+        return list(pool.map(rank_main, range(size)))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_fs", "node_local"])
+def test_fetch_once_downloads_once_per_file_system(shared: bool) -> None:
+    nodes, per_node = 2, 3
+    disks = [set() for _ in range(1 if shared else nodes)]
+    downloads: list[int] = []
+    lock = threading.Lock()
+
+    def disk_of(rank: int) -> set:
+        return disks[0] if shared else disks[rank // per_node]
+
+    def download_of(rank: int, disk: set):
+        def download() -> None:
+            with lock:
+                downloads.append(rank)
+            time.sleep(0.02)  # widen the window in which an early reader would miss the files
+            disk.add("data")
+
+        return download
+
+    seen = play_ranks(nodes * per_node, per_node, disk_of, download_of)
+    assert seen == [True] * (nodes * per_node)
+    assert sorted(downloads) == ([0] if shared else [0, per_node])
+    # a second run finds everything in place and downloads nothing
+    downloads.clear()
+    assert play_ranks(nodes * per_node, per_node, disk_of, download_of) == [True] * 6
+    assert downloads == []
+
+
+@pytest.mark.parametrize("failing_rank", [0, 2])
+def test_fetch_once_failure_raises_on_the_downloader(failing_rank: int) -> None:
+    """The failing rank raises DataError; the others wait until the runner aborts."""
+    disks = [set(), set()]
+
+    def download_of(rank: int, disk: set):
+        def download() -> None:
+            if rank == failing_rank:
+                raise OSError("network unreachable")
+            disk.add("data")
+
+        return download
+
+    seen = play_ranks(4, 2, lambda r: disks[r // 2], download_of)
+    err = seen[failing_rank]
+    assert isinstance(err, DataError) and "network unreachable" in str(err)
+    assert all(s == "aborted" for r, s in enumerate(seen) if r != failing_rank)
+
+
+def test_fetch_once_download_without_files_is_an_error() -> None:
+    seen = play_ranks(2, 2, lambda r: set(), lambda r, d: lambda: None)
+    assert isinstance(seen[0], DataError) and "missing" in str(seen[0])
+    assert seen[1] == "aborted"
+
+
+def test_load_calls_coordinate_then_reads(tmp_path: Path) -> None:
+    calls: list[bool] = []
+
+    def coordinate(have_files, download) -> None:
+        calls.append(have_files())
+        make_fmnist(tmp_path)  # stands in for the rank that downloads
+        calls.append(have_files())
+
+    split, _ = load(
+        "fashion_mnist", str(tmp_path), train=True, download=True, coordinate=coordinate
+    )
+    assert calls == [False, True] and len(split) == 30
+    # a collective: called even when the files are there; never without download
+    calls.clear()
+    load("fashion_mnist", str(tmp_path), train=False, download=True, coordinate=coordinate)
+    assert calls == [True, True]
+    calls.clear()
+    load("fashion_mnist", str(tmp_path), train=False, coordinate=coordinate)
+    load("synthetic", "", train=True, synthetic_size=20, download=True, coordinate=coordinate)
+    assert calls == []
+
+
+def test_load_download_callback_is_torchvision(tmp_path: Path, monkeypatch) -> None:
+    """The callback handed to coordinate fetches with torchvision into root."""
+    torchvision = pytest.importorskip("torchvision")
+    fetched: list[tuple[str, bool]] = []
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            fetched.append((root, train))
+            folder = Path(root) / "cifar-10-batches-py"
+            for i in range(5):
+                dump(folder / f"data_batch_{i + 1}", cifar_batch(3, b"labels", 10, seed=i))
+            dump(folder / "test_batch", cifar_batch(2, b"labels", 10, seed=9))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    coordinate = lambda have, download: fetch_once(  # noqa: E731
+        have, download, rank0=True, node_leader=True, barrier=lambda: None
+    )
+    train, _ = load("cifar10", str(tmp_path), train=True, download=True, coordinate=coordinate)
+    test, _ = load("cifar10", str(tmp_path), train=False, download=True, coordinate=coordinate)
+    assert fetched == [(str(tmp_path), True)]  # the test split was already there
+    assert len(train) == 15 and len(test) == 2
+
+    def broken(root: str, train: bool, download: bool) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", broken)
+    with pytest.raises(DataError, match="cifar100: download into .* failed: disk full"):
+        load("cifar100", str(tmp_path), train=True, download=True, coordinate=coordinate)
+
+
+# ----------------------------------------------------------------------------- cycling
+
+
+def cifar_sized_labels(n: int = 50_000) -> tuple[Split, object]:
+    """CIFAR-10's label counts; the images are one zero image repeated (no memory)."""
+    images = torch.zeros((1, 3, 32, 32), dtype=torch.uint8).expand(n, 3, 32, 32)
+    return Split(images, torch.arange(n, dtype=torch.int64) % 10), INFOS["cifar10"]
+
+
+def test_dirichlet_cifar_16_ranks_full_epochs() -> None:
+    split, info = cifar_sized_labels()
+    ls = loaders(split, info, 16, batch_size=32, partition="dirichlet", alpha=0.1, seed=0)
+    assert {ld.steps_per_epoch for ld in ls} == {97}  # 3125 samples per rank, 32 per batch
+    sizes = [ld.shard_size for ld in ls]
+    assert min(sizes) < 97 * 32 < max(sizes)  # some ranks wrap, others carry over
+    for ld in ls:
+        own = set(ld.shard.tolist())
+        for epoch in (0, 1, 5):
+            idx = ld.epoch_indices(epoch)
+            assert len(idx) == 97 * 32 and set(idx.tolist()) <= own
+    ld = ls[sizes.index(min(sizes))]
+    labels = torch.cat([y for _, y in ld.batches(3)])
+    assert torch.equal(labels, split.labels[ld.epoch_indices(3)])
+
+
+def id_split(n: int) -> tuple[Split, object]:
+    """CIFAR-shaped images whose pixels encode the sample index (base 256)."""
+    ids = torch.arange(n)
+    images = torch.stack([ids % 256, ids // 256, ids % 7], 1).to(torch.uint8)
+    images = images[:, :, None, None].expand(n, 3, 32, 32).contiguous()
+    return Split(images, ids % 10), INFOS["cifar10"]
+
+
+def test_dirichlet_batches_come_from_own_shard() -> None:
+    split, info = id_split(800)
+    ls = loaders(split, info, 4, batch_size=8, partition="dirichlet", alpha=0.1, seed=2)
+    for ld in ls:
+        own = set(ld.shard.tolist())
+        for epoch in (0, 3):
+            xs = torch.cat([x for x, _ in ld.batches(epoch)])
+            assert len(xs) == (800 // 4 // 8) * 8
+            # undo the normalisation of the two id channels, read the ids back
+            scale = torch.tensor(info.std[:2]).view(1, 2) * 255
+            shift = torch.tensor(info.mean[:2]).view(1, 2) * 255
+            digits = (xs[:, :2, 0, 0] * scale + shift).round().long()
+            ids = digits[:, 0] + 256 * digits[:, 1]
+            assert set(ids.tolist()) <= own
+            assert torch.equal(ids, ld.epoch_indices(epoch))
+
+
+@pytest.mark.parametrize("which", ["smallest", "largest"])
+def test_dirichlet_cycling_covers_shard_before_repeating(which: str) -> None:
+    split, info = synthetic_split(2000)
+    ls = loaders(split, info, 4, batch_size=16, partition="dirichlet", alpha=0.1, seed=0)
+    pick = min if which == "smallest" else max
+    ld = pick(ls, key=lambda x: x.shard_size)
+    size = ld.shard_size
+    stream = torch.cat([ld.epoch_indices(e) for e in range(4 * size // ld.epoch_size + 2)])
+    passes = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert len(passes) >= 3
+    for p in passes[:-1]:  # every full pass is the whole shard once
+        assert sorted(p.tolist()) == ld.shard.tolist()
+    assert len(set(passes[-1].tolist())) == len(passes[-1])  # the partial one has no repeat
+    assert not torch.equal(passes[0], passes[1])  # each pass in a new order
+    fixed = ShardedLoader(
+        split, info, rank=ld.rank, world_size=4, batch_size=16, partition="dirichlet",
+        alpha=0.1, seed=0, reshuffle=False,
+    )  # fmt: skip
+    fstream = torch.cat([fixed.epoch_indices(e) for e in range(4)])
+    assert torch.equal(fstream[size : 2 * size], fstream[:size])  # same order every pass
+
+
+def test_dirichlet_resume_equals_tail_across_wraps() -> None:
+    split, info = cifar_like(400)
+    kw = dict(world_size=4, batch_size=8, partition="dirichlet", alpha=0.1, augment=True, seed=3)
+    ls = [ShardedLoader(split, info, rank=r, **kw) for r in range(4)]
+    ld = min(ls, key=lambda x: x.shard_size)
+    assert ld.shard_size < ld.epoch_size  # this rank wraps within an epoch
+    for epoch in (0, 2):
+        full = list(ld.batches(epoch))
+        again = ShardedLoader(split, info, rank=ld.rank, **kw)  # a restarted process
+        tail = list(again.batches(epoch, start=5))
+        assert len(full) == ld.steps_per_epoch and len(tail) == ld.steps_per_epoch - 5
+        for (xa, ya), (xb, yb) in zip(full[5:], tail, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_dirichlet_tiny_shards_allowed() -> None:
+    """Cycling needs one sample per shard, not a batch: 10 samples, 4 ranks, batch 2."""
+    split, info = synthetic_split(10)
+    ls = loaders(split, info, 4, batch_size=2, partition="dirichlet", alpha=0.1, seed=1)
+    assert sorted(torch.cat([ld.shard for ld in ls]).tolist()) == list(range(10))
+    for ld in ls:
+        assert ld.steps_per_epoch == 1 and ld.shard_size >= 1
+        ((x, y),) = list(ld.batches(4))
+        assert len(x) == 2 and set(ld.epoch_indices(4).tolist()) <= set(ld.shard.tolist())
+
+
+# ----------------------------------------------------------------------------- device paths
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_host_gather_path_matches_resident(partition: str) -> None:
+    split, info = cifar_like(256)
+    kw = dict(rank=1, world_size=2, batch_size=16, partition=partition, augment=True, seed=4)
+    resident = ShardedLoader(split, info, **kw)
+    host = ShardedLoader(split, info, max_device_bytes=0, **kw)
+    assert resident.resident and not host.resident
+    for (xa, ya), (xb, yb) in zip(resident.batches(1), host.batches(1, 0), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    whole = list(eval_batches(split, info, rank=1, world_size=3, batch_size=30))
+    piecewise = list(
+        eval_batches(split, info, rank=1, world_size=3, batch_size=30, max_device_bytes=0)
+    )
+    assert len(whole) == len(piecewise) == 3
+    for (xa, ya), (xb, yb) in zip(whole, piecewise, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_augmentation_repeats_run_to_run_on_cpu() -> None:
+    """Two loaders built apart (two processes, say) draw the same crops in every batch."""
+    split, info = cifar_like(128)
+    kw = dict(rank=0, world_size=1, batch_size=32, augment=True, seed=11)
+    first = [x for x, _ in ShardedLoader(split, info, **kw).batches(2)]
+    ld = ShardedLoader(split, info, **kw)
+    list(ld.batches(0))  # the reseeded generator carries nothing between batches or epochs
+    second = [x for x, _ in ld.batches(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_split_to_same_device_is_itself() -> None:
+    split, _ = cifar_like(8)
+    assert split.to("cpu") is split
+
+
+# ----------------------------------------------------------------------------- resize
+
+
+def test_resize_train_and_eval() -> None:
+    split, info = cifar_like(64)
+    split.images[:] = 77  # a constant image stays constant under bilinear resizing
+    ld = ShardedLoader(split, info, rank=0, world_size=1, batch_size=16, resize=56)
+    x, y = next(iter(ld.batches(0)))
+    assert x.shape == (16, 3, 56, 56) and x.dtype == torch.float32 and y.shape == (16,)
+    want = normalize(split.images[:1, :, :1, :1], info)
+    assert torch.allclose(x, want.expand_as(x), atol=1e-5)
+    ((xe, ye),) = list(eval_batches(split, info, rank=0, world_size=1, resize=56))
+    assert xe.shape == (64, 3, 56, 56) and torch.allclose(xe, want.expand_as(xe), atol=1e-5)
+
+
+def test_resize_keeps_content() -> None:
+    split, info = cifar_like(32)
+    plain = next(iter(eval_batches(split, info, rank=0, world_size=1)))[0]
+    big = next(iter(eval_batches(split, info, rank=0, world_size=1, resize=64)))[0]
+    same = next(iter(eval_batches(split, info, rank=0, world_size=1, resize=32)))[0]
+    assert torch.equal(same, plain)
+    # a 2x bilinear upsampling keeps each image's per-channel mean (up to the border)
+    assert torch.allclose(big.mean((2, 3)), plain.mean((2, 3)), atol=0.05)
+
+
+def test_bad_resize() -> None:
+    split, info = cifar_like(16)
+    for bad in (0, -3, True):
+        with pytest.raises(DataError, match="resize"):
+            ShardedLoader(split, info, rank=0, world_size=1, batch_size=4, resize=bad)
+        with pytest.raises(DataError, match="resize"):
+            next(eval_batches(split, info, rank=0, world_size=1, resize=bad))
