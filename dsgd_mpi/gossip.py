@@ -73,7 +73,7 @@ class _Plan:
             mpi.start_all(requests)
             mpi.wait_all(requests)
             if mix:
-                total += mixing.accumulate_numpy(x, received, self.weights, scratch)
+                total += mixing.mix_numpy(x, received, self.weights, scratch)[0]
         return total
 
     def requests(self) -> list:
@@ -225,4 +225,4 @@ class Gossiper:
         for k, e in enumerate(exchanges):
             mpi.sendrecv(self.comm, x, e.send_to, self._recv[k], e.recv_from, tag=k)
         weights = [e.weight for e in exchanges]
-        return mixing.accumulate(x, self._recv[: len(exchanges)], weights, self._diff)
+        return mixing.mix(x, self._recv[: len(exchanges)], weights, self._diff)[0]
