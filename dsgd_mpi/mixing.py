@@ -15,12 +15,16 @@ As separate torch calls the plain round is five passes over memory and most of
 a gossip round's cost beyond MPI's own copy (measured: 0.23 ms per 256 Ki-float
 chunk with two peers, against 0.045 ms for the fused numba loop, one core).
 numba compiles the loops to vectorized float32 code; ``fastmath`` lets it
-reorder the sums into SIMD lanes. The sums are float64 (a chunk's ``||d||^2``
-of 2^18 float32 squares would otherwise lose digits to the running sum):
-converting the squares costs nothing measurable, the loop stays memory-bound
-(2 peers, one 256 Ki-float chunk, medians of 41 interleaved repetitions:
-float64 / float32 accumulation = 1.00). ``exact`` reads one more stream
-(x 1.3 of the estimate pass), ``sketch`` with k = 4096 costs x 1.5.
+reorder the sums into SIMD lanes. The sums are float64 (float32 running sums
+over a chunk lose digits: 1.8e-7 relative on 2^20 squares, see the tests);
+converting the squares costs nothing measurable because the loop is
+memory-bound. Measured per 256 Ki-float chunk, one thread, medians of 41
+interleaved repetitions on the shared 2-core EPYC (thread CPU time):
+estimate with float64 sums / the previous float32 kernel = 0.97-1.04 over
+8 runs (1 and 2 peers); ``exact`` (one more stream to read) = 1.35x the
+estimate pass with 2 peers; ``sketch`` = 2.1-2.4x with k = 1024 .. 65536
+(the read-modify-write of the buckets dominates; a per-element hash with a
+scattered add was 8.6x).
 
 One kernel source serves every case: numba compiles a separate specialization
 per argument type and prunes ``if a is None`` branches, so the 1-peer, 2-peer
