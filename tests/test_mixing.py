@@ -139,6 +139,18 @@ def test_numba_and_torch_agree(peers, measure):
         assert np.abs(s1).max() > 1.0  # it did sketch
 
 
+def test_without_numba_mix_numpy_runs_the_torch_twin(monkeypatch):
+    monkeypatch.setattr(mixing, "numba", None)
+    x, received, weights, xbar = _problem(3, seed=4)
+    want_x, want_est, want_dist = _reference(x, received, weights, xbar)
+    s = np.zeros(500)
+    est, dist = mixing.mix_numpy(x, received, weights, np.empty(M, np.float32),
+                                 xbar=xbar, sketch=(s, BASE, 8))  # fmt: skip
+    np.testing.assert_allclose(x, want_x, rtol=1e-6, atol=1e-6)
+    assert (est, dist) == (pytest.approx(want_est, rel=1e-5), pytest.approx(want_dist, rel=1e-5))
+    np.testing.assert_allclose(s, CountSketch(500, 8).apply(x, BASE), rtol=1e-9, atol=1e-9)
+
+
 HASH_INDEX = np.concatenate(
     [np.arange(0, 300), np.arange(2**20 - 70, 2**20 + 70), [2**40 + 3, 2**62 + 5, 2**63 - 1]]
 ).astype(np.int64)
