@@ -24,7 +24,7 @@ else
 endif
 export MPIEXEC
 
-.PHONY: install run demo data test bench lint clean study gpu-check
+.PHONY: install run demo data test bench lint clean study gpu-check killtest
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
@@ -80,6 +80,10 @@ study: $(STAMP) data
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The lose-nothing kill loop with the 50 kills the README quotes (the suite runs 12).
+killtest: $(STAMP)
+	DSGD_KILLS=50 $(PY) -m pytest -q -s tests/test_lose_nothing_mpi.py -k kills_at_random
 
 # On a machine with GPUs (< 5 min): gossip vs numpy on device buffers, direct and staged; a
 # 2-rank training run with evaluation and exact distance; the step time vs a step without

@@ -27,7 +27,7 @@ from dsgd_mpi.group import Group
 from dsgd_mpi.metrics import H5Writer, NullWriter
 from dsgd_mpi.models import build_model
 from dsgd_mpi.replica import Replica, Replicas
-from dsgd_mpi.shards import ShardedLoader
+from dsgd_mpi.shards import DEFAULT_MAX_DEVICE_BYTES, ShardedLoader
 from dsgd_mpi.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -55,6 +55,30 @@ def existing_run_problem(cfg: Config) -> str:
     )
 
 
+def start_problem(cfg: Config, world_size: int, resume: int | None) -> str:
+    """Why this run may not start, or "" (the root process decides; all follow).
+
+    A checkpoint of another recipe or world size is not continued; a run file
+    that exists is never overwritten unless this launch resumes that run (its
+    checkpoint) or ``run.overwrite`` moves it aside.
+    """
+    if resume is None:
+        return existing_run_problem(cfg)
+    directory = checkpoint_dir(cfg)
+    state = checkpoint.load(directory, resume, 0)
+    key = checkpoint.config_mismatch(state["config"], config_mod.to_yaml(cfg))
+    if state["world_size"] != world_size:
+        problem = f"written by {state['world_size']} replicas, this run has {world_size}"
+    elif key:
+        problem = f"written by a run whose {key} differs"
+    else:
+        return ""
+    return (
+        f"checkpoint.dir: {checkpoint.step_dir(directory, resume)} was {problem}; "
+        "use another run.name or checkpoint.dir, or delete it to start over"
+    )
+
+
 def checkpoint_dir(cfg: Config) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run.out_dir, cfg.run.name, "ckpt")
 
@@ -63,15 +87,21 @@ def make_replicas(
     cfg: Config, ranks: Sequence[int], world_size: int, train: tuple[Split, DatasetInfo],
     device: torch.device,
 ) -> Replicas:  # fmt: skip
-    """The replicas ``ranks`` of a run of ``world_size``, each built as its MPI rank builds it."""
+    """The replicas ``ranks`` of a run of ``world_size``, each built as its MPI rank builds it.
+
+    The training set is moved to the device once, when it fits, and shared by
+    every replica here.
+    """
     split, info = train
+    if split.images.numel() + 8 * split.labels.numel() <= DEFAULT_MAX_DEVICE_BYTES:
+        split = split.to(device)
     d = cfg.data
     items, measured = [], 0
     for rank in ranks:
         torch.manual_seed(cfg.run.seed)  # the same initial model on every replica
         model = build_model(
             cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-            width=cfg.model.width,
+            width=cfg.model.width, image_size=d.resize or info.height,
         ).to(device)  # fmt: skip
         flat, slots = flatten(model, buffers=cfg.gossip.buffers)
         params = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -79,10 +109,9 @@ def make_replicas(
         loader = ShardedLoader(
             split, info, rank=rank, world_size=world_size, batch_size=d.batch_size,
             partition=d.partition, alpha=d.alpha, reshuffle=d.reshuffle, augment=d.augment,
-            seed=cfg.run.seed, device=device,
+            seed=cfg.run.seed, device=device, resize=d.resize,
         )  # fmt: skip
-        lr = schedule.peak_lr(cfg, world_size)
-        items.append(Replica(rank, model, flat, loader, cfg.optim, lr))
+        items.append(Replica(rank, model, flat, measured, loader, cfg.optim, cfg.run.seed))
     return Replicas(items, measured)
 
 
@@ -119,12 +148,14 @@ def make_trainer(
         if group.root
         else NullWriter()
     )
-    policy = TargetPolicy(schedule.phases(cfg), reference)
+    spe = replicas.items[0].loader.steps_per_epoch
+    timeline = schedule.Timeline(cfg, group.size, spe)
+    policy = TargetPolicy(timeline.spans, reference)
     stop = checkpoint.StopRequest().install()
     checkpoints = checkpoint.Checkpointer(group, ckpt_dir, cfg.checkpoint.every, stop)
-    evaluator = Evaluator(group, replicas.models, test, device)
-    spe = replicas.items[0].loader.steps_per_epoch
-    trainer = Trainer(cfg, group, replicas, evaluator, writer, log, policy, spe, checkpoints)
+    split, info = test
+    evaluator = Evaluator(group, replicas.models, (split.to(device), info), device, cfg)
+    trainer = Trainer(cfg, group, replicas, evaluator, writer, log, policy, timeline, checkpoints)
     if states:
         trainer.load_state_dict(states)
         log(f"resumed from {checkpoint.step_dir(ckpt_dir, resume_step)}")

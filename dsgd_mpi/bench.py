@@ -8,8 +8,11 @@ MPI limit here), and reports the ratio. Beside them, the round split in two:
 ``exchange_s``, the Gossiper's own messages without the arithmetic, and
 ``mix_s``, the arithmetic without messages (all ranks at once). It also times
 the consensus-control overhead: one scalar ``Allreduce`` plus the loop's
-bookkeeping, as a fraction of a gossip round. Times are per round, the slowest
-rank's, median over blocks.
+bookkeeping, as a fraction of a gossip round. And it times a controlled step
+of 5 rounds under each consensus measure (``estimate``, ``exact``: xbar by a
+full-vector reduction once per step, ``sketch``: S x in the mixing pass), with
+the ratios to the estimate's. Times are per round (per step for the measures),
+the slowest rank's, median over blocks.
 
     mpiexec -n 4 python -m mpi4py -m dsgd_mpi.bench step --model small_cnn --batch 32 --json
 
@@ -33,8 +36,14 @@ import torch.nn.functional as F
 
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import mixing
+from dsgd_mpi.consensus import MEASURES, Consensus, Measure
 from dsgd_mpi.flat import allocate, flatten
-from dsgd_mpi.gossip import DEFAULT_CHUNK, Gossiper
+from dsgd_mpi.gossip import Gossiper
+from dsgd_mpi.launch import threads_for
+from dsgd_mpi.mixing import DEFAULT_CHUNK
+from dsgd_mpi.ranks import MpiGroup
+from dsgd_mpi.replica import Buffers
+from dsgd_mpi.schedule import PhaseSpan
 from dsgd_mpi.topology import NAMES, Topology, TopologyError
 
 
@@ -86,7 +95,7 @@ def bench_gossip(
         state["t"] += 1
 
     def mix() -> None:
-        mixing.accumulate(mix_x, mix_recv, mix_weights, mix_d)
+        mixing.mix(mix_x, mix_recv, mix_weights, mix_d)
 
     def control() -> None:
         # What consensus control adds to a round: the scalar reduction and the
@@ -97,6 +106,9 @@ def bench_gossip(
     fns = {"gossip": gossiper.round, "bare": bare, "mix": mix, "control": control}
     if schedule is not None:
         fns["exchange"] = schedule.exchange
+    group = MpiGroup(comm, _HOST, chunk)
+    steps = {name: _controlled_step(group, topology, data(), name) for name in MEASURES}
+    fns.update({f"step_{name}": step for name, (step, _) in steps.items()})
     for fn in fns.values():  # warm up buffers, connections, compiled kernels
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -105,9 +117,10 @@ def bench_gossip(
             times[name].append(_timed(comm, reducer, fn, rounds))
     med = {name: statistics.median(v) for name, v in times.items()}
     gossip_s, bare_s, control_s = med["gossip"], med["bare"], med["control"]
-    for g in (gossiper, schedule):
+    for g in (gossiper, schedule, *(c.mixer for _, c in steps.values())):
         if g is not None:
             g.close()
+    per_step = {name: med[f"step_{name}"] for name in MEASURES}
     return {
         "bench": "gossip",
         "topology": topology.name,
@@ -124,8 +137,30 @@ def bench_gossip(
         "control_s": control_s,
         "control_over_round": control_s / gossip_s if gossip_s > 0 else float("nan"),
         "bytes_per_round": gossiper.bytes_last_round,
+        "step_rounds": STEP_ROUNDS,
+        **{f"step_{name}_s": per_step[name] for name in MEASURES},
+        **{f"{name}_over_estimate": per_step[name] / per_step["estimate"]
+           for name in MEASURES if name != "estimate"},  # fmt: skip
         "mpi": mpi.library_version(),
     }
+
+
+#: Rounds of the controlled step timed per measure.
+STEP_ROUNDS = 5
+_FIVE = PhaseSpan(0, 0.0, 1.0, "constant", 1.0, 0.0, None, STEP_ROUNDS, 0.9)
+
+
+def _controlled_step(group: MpiGroup, topology: Topology, flat: torch.Tensor, measure: str):
+    """One communication step of a controlled phase whose target is never met: 5 rounds."""
+    buffers = Buffers([flat])
+    consensus = Consensus(group, buffers, topology, Measure(measure, group, buffers))
+    state = {"step": 0}
+
+    def step() -> None:
+        consensus.communicate(_FIVE, target=-1.0, step=state["step"])
+        state["step"] += 1
+
+    return step, consensus
 
 
 MODEL_INPUTS = {"small_cnn": (1, 28), "mlp": (1, 28), "resnet20": (3, 32)}
@@ -241,7 +276,7 @@ def _main_step(args: argparse.Namespace) -> int:
         topology = Topology(args.topology, comm.Get_size(), seed=args.seed)
     except TopologyError as exc:
         return _fail(comm, str(exc))
-    torch.set_num_threads(mpi.threads_for(os.environ, mpi.node_affinities(comm))[0])
+    torch.set_num_threads(threads_for(os.environ, mpi.node_affinities(comm))[0])
     result = bench_step(comm, topology, args.model, args.batch, args.steps, args.blocks)
     _report(comm, result, args.json)
     return 0

@@ -1,8 +1,16 @@
 """Consensus: the gossip-until-target loop, its measures, and the exact distance.
 
-estimate  e2  = (1/n) sum_i ||x_i' - x_i||^2   one scalar reduction per round
-exact     Xi2 = (1/n) sum_i ||x_i - xbar||^2   a full-vector reduction
+estimate  e2  = (1/n) sum_i ||x_i' - x_i||^2   free from the mixing pass
+exact     Xi2 = (1/n) sum_i ||x_i' - xbar||^2  xbar once per step (a full-vector
+                                               reduction), the rest in the mixing pass
+sketch    Xi2 ~ (1/n) sum_i ||S x_i' - S xbar||^2   S x_i' in the mixing pass, S xbar
+                                               from the first round (k floats)
 bound     Xi2 <= e2 / (1 - lambda_2)^2         fixed symmetric (normal) W only
+
+Every round ends with one reduction of two numbers (the estimate and the
+measure), whose result every replica shares bit for bit: the loop's exit is one
+decision. A doubly stochastic round leaves xbar unchanged, so the exact and
+sketched measures need xbar (or S xbar) only once per step.
 
 Only parameters are measured: with ``gossip.buffers`` BatchNorm statistics are
 mixed too, but they are the tail of each buffer (``Replicas.measured``) and
@@ -19,9 +27,12 @@ import numpy as np
 import torch
 
 from dsgd_mpi.group import Group, Mixer, mean_
-from dsgd_mpi.replica import Replicas
+from dsgd_mpi.replica import Buffers, Replicas
 from dsgd_mpi.schedule import PhaseSpan
+from dsgd_mpi.seeds import Stream, derive_seed
 from dsgd_mpi.topology import Topology
+
+MEASURES = ("estimate", "exact", "sketch")
 
 
 @dataclass
@@ -43,6 +54,54 @@ class Diverged(FloatingPointError):
     """The consensus estimate is not finite: the parameters blew up (same on every rank)."""
 
 
+class Measure:
+    """What a controlled phase compares with its target (``consensus.measure``)."""
+
+    def __init__(
+        self, name: str, group: Group, replicas: Replicas | Buffers, sketch_size: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        if name not in MEASURES:
+            raise ValueError(f"unknown consensus measure {name!r}; one of {', '.join(MEASURES)}")
+        self.name, self.group, self.replicas, self.seed = name, group, replicas, seed
+        m, device = replicas.measured, replicas.flats[0].device
+        self._xbar = torch.empty(m, device=device) if name == "exact" else None
+        k = sketch_size if name == "sketch" else 0
+        self._sketches = [
+            torch.zeros(k, dtype=torch.float64, device=device) for _ in replicas.flats
+        ]
+        self._sbar = torch.zeros(k, dtype=torch.float64, device=device)
+        self._args: list[dict] = [{} for _ in replicas.flats]
+        self._fresh = False
+
+    def begin(self, step: int) -> None:
+        """Once per communication step, after the local update: xbar, or a fresh sketch."""
+        if self._xbar is not None:
+            params = [f[: self.replicas.measured] for f in self.replicas.flats]
+            mean_(self.group, params, self._xbar)
+            self._args = [{"xbar": self._xbar} for _ in params]
+        elif self.name == "sketch":
+            # A new S every step: its errors are independent from step to step.
+            seed = derive_seed(Stream.SKETCH, self.seed, step)
+            self._args = [{"sketch": s, "seed": seed} for s in self._sketches]
+            self._fresh = True
+
+    def round_args(self) -> list[dict]:
+        return self._args
+
+    def reduce(self, rows: np.ndarray) -> tuple[float, float]:
+        """(estimate, measured) over all replicas from this process's (estimate, share) rows."""
+        if self.name == "sketch":
+            if self._fresh:  # S xbar = the mean of the S x_i' of any round: one k-float reduction
+                mean_(self.group, self._sketches, self._sbar)
+                self._fresh = False
+            rows = rows.copy()
+            rows[:, 1] = [float(torch.sum((s - self._sbar) ** 2)) for s in self._sketches]
+        sums = self.group.sum(rows) / self.group.size
+        estimate = float(sums[0])
+        return estimate, estimate if self.name == "estimate" else float(sums[1])
+
+
 class Consensus:
     """Gossip and measurement for the replicas of this process.
 
@@ -50,8 +109,12 @@ class Consensus:
     phases only when a phase first needs it (``complete`` is its own averager).
     """
 
-    def __init__(self, group: Group, replicas: Replicas, topology: Topology) -> None:
+    def __init__(
+        self, group: Group, replicas: Replicas | Buffers, topology: Topology,
+        measure: Measure | None = None,
+    ) -> None:
         self.group, self.replicas, self.topology = group, replicas, topology
+        self.measure = measure or Measure("estimate", group, replicas)
         self.n = group.size
         self.mixer: Mixer = group.mixer(topology, replicas.flats, replicas.measured)
         self._averager: Mixer | None = self.mixer if topology.is_allreduce else None
@@ -67,28 +130,37 @@ class Consensus:
                                               self.replicas.measured)  # fmt: skip
         return self._averager
 
-    def communicate(self, phase: PhaseSpan, target: float) -> Communication:
+    def communicate(self, phase: PhaseSpan, target: float, step: int = 0) -> Communication:
         """Gossip until the measured distance meets ``target`` or the phase's rounds are spent.
 
         ``exact`` phases and ``complete`` average by Allreduce: one round is exact.
         """
         exact = phase.target == "exact" or self.topology.is_allreduce
-        mixer = self.averager if exact else self.mixer
-        max_rounds = 1 if exact or phase.target == "none" else phase.max_rounds
         out = Communication(target=target, exact_phase=exact)
+        if exact:
+            t0 = time.perf_counter()
+            rows = self.averager.round()
+            t1 = time.perf_counter()
+            out.estimate = float(self.group.sum(rows[:, :1])[0]) / self.n
+            out.measured, out.rounds, out.bytes_sent = 0.0, 1, self.averager.bytes_last_round
+            out.time_gossip, out.time_allreduce = t1 - t0, time.perf_counter() - t1
+            return out
+        max_rounds = 1 if phase.target == "none" else phase.max_rounds
+        t0 = time.perf_counter()
+        self.measure.begin(step)
+        out.time_allreduce += time.perf_counter() - t0
         while True:
             t0 = time.perf_counter()
-            rows = mixer.round()
+            rows = self.mixer.round(self.measure.round_args())
             t1 = time.perf_counter()
-            sums = self.group.sum(rows) / self.n
+            out.estimate, out.measured = self.measure.reduce(rows)
             out.time_gossip += t1 - t0
             out.time_allreduce += time.perf_counter() - t1
             out.rounds += 1
-            out.bytes_sent += mixer.bytes_last_round
-            out.estimate = float(sums[0])
-            out.measured = 0.0 if exact else float(sums[1])
-            if not math.isfinite(out.estimate):  # every replica sees the same value
-                raise Diverged(f"consensus estimate {out.estimate}")
+            out.bytes_sent += self.mixer.bytes_last_round
+            if not (math.isfinite(out.estimate) and math.isfinite(out.measured)):
+                raise Diverged(f"consensus estimate {out.estimate}, {self.measure.name} "
+                               f"{out.measured}")  # fmt: skip
             if out.rounds >= max_rounds or out.measured <= target:
                 return out
 

@@ -58,42 +58,102 @@ class TargetPolicy:
         self._ema = {int(k): float(v) for k, v in state["ema"].items()}
 
 
-def reference_maxima(cfg: Config, world_size: int) -> dict[int, float]:
-    """Largest consensus distance of each phase in the reference runs (rank 0 only).
+#: Keys a reference run must share with the run that takes its maxima as targets.
+SAME_RECIPE = (("run", "epochs"), ("optim", "milestones"), ("data", "batch_size"),
+               ("topology", "name"))  # fmt: skip
 
-    Uses the reference run's *estimate*, the quantity the control loop compares
-    with its target (taking the exact distance instead gave targets in other
-    units: on a 16-ring the exact distance stayed ~4x above a target the
-    estimate met). The reference must come from the same topology and world size.
-    Raises ConfigError naming ``consensus.phases.K.reference_run``.
+
+def reference_maxima(cfg: Config, world_size: int) -> dict[int, float]:
+    """Largest value of the run's consensus measure in each phase of its reference runs.
+
+    Rank 0 only. The maximum is of the *same measure* the control loop compares
+    with its target (``consensus.measure``): the estimate e2, or the distance
+    Xi^2 (an exact run's measured values, or the exact distance logged at every
+    step of the phase; a sketched target compares with either). A reference of
+    another world size, recipe or phase layout, or one that did not log the
+    measure at every logged step of the phase, is refused before training with a
+    ConfigError naming ``consensus.phases.K.reference_run``.
     """
     import h5py
+    import yaml
 
     out: dict[int, float] = {}
-    for span in phases(cfg):
+    spans = phases(cfg)
+    for span in spans:
         if span.target != "constant" or span.reference is not None:
             continue
         key = f"consensus.phases.{span.index}.reference_run"
         try:
             with h5py.File(span.reference_run, "r", locking=False) as f:
-                attrs = dict(f.attrs)
-                steps = f["steps"]
-                epoch = steps["epoch"][:]
-                estimate = steps["consensus_estimate"][:]
+                attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
+                columns = {k: f["steps"][k][()] for k in f["steps"]}
         except (OSError, KeyError) as exc:
             raise ConfigError(
                 key, f"cannot read a run's steps from {span.reference_run}: {exc}"
             ) from None
-        for attr, want in (("topology", cfg.topology.name), ("world_size", world_size)):
-            got = attrs.get(attr)
-            got = got.decode() if isinstance(got, bytes) else got
-            if got is None or str(got) != str(want):
-                raise ConfigError(key, f"reference run has {attr}={got}, this run has {want}")
-        inside = (epoch > span.start_epoch) & (epoch <= span.end_epoch + 1e-9)
-        values = estimate[inside]
-        values = values[~np.isnan(values)]
-        if values.size == 0:
-            raise ConfigError(key, f"reference run logged no consensus distance in epochs "
+        if str(attrs.get("world_size")) != str(world_size):
+            raise ConfigError(key, f"reference run has world_size={attrs.get('world_size')}, "
+                                   f"this run has {world_size}")  # fmt: skip
+        ref_cfg = yaml.safe_load(str(attrs.get("config", ""))) or {}
+        _same_recipe(cfg, ref_cfg, spans, key)
+        if "epoch" not in columns:
+            raise ConfigError(key, f"{span.reference_run} has no /steps/epoch")
+        epoch = columns["epoch"]
+        inside = (epoch > span.start_epoch + 1e-9) & (epoch <= span.end_epoch + 1e-9)
+        if not inside.any():
+            raise ConfigError(key, f"reference run logged no step in epochs "
                                    f"({span.start_epoch:g}, {span.end_epoch:g}]")  # fmt: skip
+        values = _reference_values(cfg.consensus.measure, ref_cfg, columns, inside, key,
+                                   span.reference_run)  # fmt: skip
         out[span.index] = float(values.max())
     return out
+
+
+def _same_recipe(cfg: Config, ref: dict, spans, key: str) -> None:
+    here = {
+        "run": {"epochs": cfg.run.epochs}, "optim": {"milestones": list(cfg.optim.milestones)},
+        "data": {"batch_size": cfg.data.batch_size}, "topology": {"name": cfg.topology.name},
+    }  # fmt: skip
+    for section, name in SAME_RECIPE:
+        mine, theirs = here[section][name], (ref.get(section) or {}).get(name)
+        if theirs is None or (list(theirs) if isinstance(theirs, list) else theirs) != mine:
+            raise ConfigError(key, f"reference run has {section}.{name}={theirs}, this run has "
+                                   f"{mine}: make the reference with the same recipe")  # fmt: skip
+    mine, theirs = [s.end_epoch for s in spans], _phase_ends(ref)
+    if len(mine) != len(theirs) or not np.allclose(mine, theirs):
+        raise ConfigError(
+            key, f"reference run's phases end at epochs {theirs}, this run's at {mine}: "
+            "the reference must have the same phase layout",
+        )  # fmt: skip
+
+
+def _phase_ends(ref: dict) -> list[float]:
+    """Where the phases of a reference run's config end, in epochs (as ``phases`` does)."""
+    epochs = float(ref["run"]["epochs"])
+    ps = (ref.get("consensus") or {}).get("phases") or [{}]
+    if len(ps) > 1 and all(p.get("until_epoch") is None for p in ps):
+        return [m * epochs for m in ref["optim"]["milestones"]] + [epochs]
+    return [float(p.get("until_epoch") or epochs) for p in ps[:-1]] + [epochs]
+
+
+def _reference_values(measure: str, ref: dict, columns: dict, inside: np.ndarray, key: str,
+                      path: str) -> np.ndarray:  # fmt: skip
+    """The reference's values of ``measure`` on every logged step of the phase, or refuse."""
+    ref_measure = (ref.get("consensus") or {}).get("measure", "estimate")
+    if measure == "estimate":
+        candidates = ["consensus_estimate"]
+    elif ref_measure in ("exact", "sketch") and measure in ("exact", "sketch"):
+        candidates = ["consensus_measured", "consensus_exact"]
+    else:
+        candidates = ["consensus_exact"]
+    for name in candidates:
+        values = columns.get(name)
+        if values is not None and np.isfinite(values[inside]).all():
+            return values[inside]
+    wanted = "the estimate" if measure == "estimate" else "the exact distance"
+    raise ConfigError(
+        key,
+        f"{path} does not hold {wanted} at every logged step of this phase (its measure: "
+        f"{ref_measure}); make the reference run first with consensus.measure={measure} "
+        "(or metrics.exact_every equal to metrics.log_every) and target none in this phase",
+    )

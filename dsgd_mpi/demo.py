@@ -18,16 +18,10 @@ import torch
 from dsgd_mpi import comm as mpi
 from dsgd_mpi.consensus import Consensus
 from dsgd_mpi.flat import flatten
-from dsgd_mpi.group import MpiGroup
+from dsgd_mpi.ranks import MpiGroup
+from dsgd_mpi.replica import Buffers
 from dsgd_mpi.schedule import PhaseSpan
 from dsgd_mpi.topology import NAMES, Topology, TopologyError
-
-
-class _One:
-    """The demo's replica: a buffer to gossip, nothing to train."""
-
-    def __init__(self, flat: torch.Tensor) -> None:
-        self.flats, self.measured = [flat], flat.numel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     flat, _ = flatten(model)
     group = MpiGroup(comm, mpi.TensorPort("cpu", staged=False))
-    consensus = Consensus(group, _One(flat), topology)  # type: ignore[arg-type]
+    consensus = Consensus(group, Buffers([flat]), topology)
     one_round = PhaseSpan(0, 0.0, 1.0, "none", 1.0, None, None, 1, 0.9)
     say = print if rank == 0 else (lambda *a, **k: None)
     summary = topology.summary()

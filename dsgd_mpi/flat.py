@@ -36,11 +36,14 @@ def allocate(numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.zeros(numel, dtype=torch.float32, device=device)
 
 
-def flatten(model: torch.nn.Module, *, buffers: bool = False) -> tuple[torch.Tensor, list[Slot]]:
+def flatten(
+    model: torch.nn.Module, *, buffers: bool = False, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[Slot]]:
     """Move ``model``'s trainable parameters (and float buffers if asked) into one buffer.
 
     Returns the buffer and where each tensor lives in it. Call this before the
-    optimizer is built: it rebinds ``param.data``.
+    optimizer is built: it rebinds ``param.data``. ``out``: the buffer to use
+    (e.g. one row of a stack of replicas) instead of a new one.
     """
     tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if buffers:
@@ -55,7 +58,10 @@ def flatten(model: torch.nn.Module, *, buffers: bool = False) -> tuple[torch.Ten
     if len(devices) != 1:
         raise FlatError(f"the model is spread over several devices: {sorted(map(str, devices))}")
     numel = sum(t.numel() for _, t in tensors)
-    flat = allocate(numel, devices.pop())
+    device = devices.pop()
+    if out is not None and (out.numel() != numel or out.device != device or out.dim() != 1):
+        raise FlatError(f"out must be a 1-D buffer of {numel} floats on {device}")
+    flat = allocate(numel, device) if out is None else out
     slots, offset = [], 0
     for name, t in tensors:
         view = flat[offset : offset + t.numel()].view_as(t)

@@ -41,31 +41,8 @@ import torch
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import mixing
 from dsgd_mpi.flat import allocate
+from dsgd_mpi.mixing import DEFAULT_CHUNK, chunk_bounds
 from dsgd_mpi.topology import Exchange, Topology
-
-#: 256 Ki floats (1 MiB per buffer). Measured on a 2-core EPYC (512 KiB L2 per
-#: core, 32 MiB L3), 4 ranks, ring, 11M floats: 64 Ki pieces were ~15 % slower
-#: than 256 Ki, 8-16 Ki pieces 2-3x slower (per-message cost); 256 Ki pieces
-#: still fit the shared L3 beside the peers' pieces.
-DEFAULT_CHUNK = 1 << 18
-
-
-def chunk_bounds(numel: int, measured: int, chunk: int) -> list[tuple[int, int, bool]]:
-    """(start, stop, measured) of the chunks of a buffer, in the order every rank walks them.
-
-    The measured part and the rest are chunked separately, so no chunk mixes
-    the two, into near-equal pieces of at most ``chunk`` elements: a 270k buffer
-    in 256k chunks would otherwise pay a whole extra round trip for an 8k tail.
-    """
-    out = []
-    for lo, hi, flag in ((0, measured, True), (measured, numel, False)):
-        size = hi - lo
-        if size <= 0:
-            continue
-        pieces = -(-size // max(1, chunk))
-        step = -(-size // pieces)
-        out += [(s, min(s + step, hi), flag) for s in range(lo, hi, step)]
-    return out
 
 
 class _Plan:
@@ -162,6 +139,7 @@ class Gossiper:
         self._recv = [[allocate(width, flat.device) for _ in range(slots)] for _ in range(k)]
         self._scratch = allocate(width, flat.device)
         self._acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        self._discard = torch.zeros(2, dtype=torch.float64, device=flat.device)
         staged = self.pipeline and port.staged and k > 0
         self._host_send = _pinned(numel) if staged else None
         self._host_recv = [[_pinned(width) for _ in range(2)] for _ in range(k)] if staged else []
@@ -178,8 +156,17 @@ class Gossiper:
 
     # ------------------------------------------------------------------ rounds
 
-    def round(self) -> tuple[float, float]:
-        """One gossip round in place; returns this rank's ``||x' - x||^2`` and measure share."""
+    def round(
+        self, xbar: torch.Tensor | None = None, sketch: torch.Tensor | None = None, seed: int = 0
+    ) -> tuple[float, float]:
+        """One gossip round in place; returns this rank's ``||x' - x||^2`` and its measure share.
+
+        The measure share, over the measured prefix and in the same pass as the
+        mixing: ``||x' - xbar||^2`` when ``xbar`` is given; with ``sketch`` (float64
+        buckets on the buffer's device) the buckets are overwritten with ``S x'``
+        (CountSketch with ``seed``) and the share is 0. Neither is asked of an
+        all-reduce round, after which every replica equals the average.
+        """
         t, self.t = self.t, self.t + 1
         if self.topology.n == 1:
             self.bytes_last_round = 0
@@ -188,10 +175,13 @@ class Gossiper:
             return self._allreduce()
         exchanges = self.topology.exchanges(self.rank, t)
         self.bytes_last_round = 4 * self.flat.numel() * len(exchanges)
-        if not exchanges:  # e.g. the rank that sits out an odd random matching
-            return 0.0, 0.0
+        if sketch is not None:
+            sketch.zero_()
+        measure = (xbar, sketch, seed)
+        if not exchanges:  # e.g. the rank that sits out an odd random matching: x' = x
+            return self._measure_only(measure)
         plan = self._plan(exchanges)
-        return self._pipelined(plan) if self.pipeline else self._host(plan)
+        return self._pipelined(plan, measure) if self.pipeline else self._host(plan, measure)
 
     def exchange(self) -> None:
         """The communication of one round alone: the same messages, no mixing.
@@ -208,21 +198,51 @@ class Gossiper:
                 mpi.start_all(reqs)
                 mpi.wait_all(reqs)
 
-    def _host(self, plan: _Plan) -> tuple[float, float]:
+    def _kernel_args(self, measure, lo: int, hi: int, host: bool) -> dict:
+        """The measure's slice of a measured chunk, for the mixing kernel."""
+        xbar, sketch, seed = measure
+        args: dict = {}
+        if xbar is not None:
+            args["xbar"] = xbar[lo:hi].numpy() if host else xbar[lo:hi]
+        if sketch is not None:
+            args["sketch"] = (sketch.numpy() if host else sketch, lo, seed)
+        return args
+
+    def _host(self, plan: _Plan, measure) -> tuple[float, float]:
         x_all = self.flat.numpy()
         recv = [slots[0].numpy() for slots in self._recv]
         scratch = self._scratch.numpy()
-        estimate = 0.0
+        estimate = distance = 0.0
         for (lo, hi, measured), reqs in zip(self.chunks, plan.requests, strict=True):
             mpi.start_all(reqs)
             mpi.wait_all(reqs)
             m = hi - lo
             received = [r[:m] for r in recv[: len(plan.weights)]]
-            local = mixing.accumulate_numpy(x_all[lo:hi], received, plan.weights, scratch[:m])
-            estimate += local if measured else 0.0
-        return estimate, estimate
+            args = self._kernel_args(measure, lo, hi, host=True) if measured else {}
+            e, d = mixing.mix_numpy(x_all[lo:hi], received, plan.weights, scratch[:m], **args)
+            if measured:
+                estimate, distance = estimate + e, distance + d
+        return estimate, distance
 
-    def _pipelined(self, plan: _Plan) -> tuple[float, float]:
+    def _measure_only(self, measure) -> tuple[float, float]:
+        """A round without exchanges leaves x as it is; the measure still needs its share."""
+        if measure[0] is None and measure[1] is None:
+            return 0.0, 0.0
+        acc = self._acc.zero_()
+        for lo, hi, measured in self.chunks:
+            if not measured:
+                continue
+            x = self.flat[lo:hi]
+            if self.pipeline:
+                args = self._kernel_args(measure, lo, hi, host=False)
+                mixing.mix_torch_into(acc, x, [], [], self._scratch[: hi - lo], **args)
+            else:
+                args = self._kernel_args(measure, lo, hi, host=True)
+                _, d = mixing.mix_numpy(x.numpy(), [], [], self._scratch[: hi - lo].numpy(), **args)
+                acc[1] += d
+        return 0.0, float(acc[1])
+
+    def _pipelined(self, plan: _Plan, measure) -> tuple[float, float]:
         x, dev = self.flat, self.dev
         acc = self._acc.zero_()
         staged = self._host_send is not None
@@ -259,10 +279,14 @@ class Gossiper:
                 if dev.cuda:
                     torch.cuda.current_stream(dev.device).wait_event(up[c])
             scratch = self._scratch[:m]
-            _mix_torch(x[lo:hi], received, plan.weights, scratch, acc if measured else None)
+            if measured:
+                args = self._kernel_args(measure, lo, hi, host=False)
+                mixing.mix_torch_into(acc, x[lo:hi], received, plan.weights, scratch, **args)
+            else:
+                mixing.mix_torch_into(self._discard, x[lo:hi], received, plan.weights, scratch)
             mixed[c] = dev.event()
-        estimate = float(acc[0])  # the round's one host sync
-        return estimate, estimate
+        estimate, distance = acc.tolist()  # the round's one host sync
+        return estimate, distance
 
     def _allreduce(self) -> tuple[float, float]:
         """``complete``: x' = the average, by Allreduce (C-SGD); the distance after it is 0."""
@@ -317,14 +341,3 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-def _mix_torch(x, received, weights, scratch, acc) -> None:
-    """``d = sum_k w_k r_k - (sum_k w_k) x; x += d``; ``acc[0] += ||d||^2`` (no host sync)."""
-    torch.mul(received[0], weights[0], out=scratch)
-    for r, w in zip(received[1:], weights[1:], strict=True):
-        scratch.add_(r, alpha=w)
-    scratch.add_(x, alpha=-sum(weights))
-    x.add_(scratch)
-    if acc is not None:
-        acc[0] += torch.dot(scratch, scratch).double()

@@ -6,8 +6,11 @@ averaged model, ensemble probabilities, Hessian-vector products), and gossip.
 :class:`Group` names them once, so that the training loop, the consensus
 measures and the evaluation are written one time for both backends:
 
-- :class:`MpiGroup`: one replica per MPI rank (this module, through ``comm``);
-- ``dsgd_mpi.sim``: every replica of the run in one process.
+- :class:`dsgd_mpi.ranks.MpiGroup`: one replica per MPI rank;
+- :class:`dsgd_mpi.sim.group.SimGroup`: every replica of the run in one process.
+
+Pure: this module only names the interface (no MPI), so the simulator never
+initializes MPI.
 
 Each method takes one entry per replica held by this process (``ranks``) and
 returns the same result on every process.
@@ -21,8 +24,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dsgd_mpi import comm as mpi
-from dsgd_mpi.gossip import DEFAULT_CHUNK, Gossiper
 from dsgd_mpi.topology import Topology
 
 
@@ -34,8 +35,11 @@ class Mixer(Protocol):
     bytes_last_round: int
     """Bytes one replica sent in the last round."""
 
-    def round(self) -> np.ndarray:
-        """One round in place; (replicas here, 2): each one's ``||x' - x||^2`` and measure share."""
+    def round(self, measures: Sequence[dict] | None = None) -> np.ndarray:
+        """One round in place; (replicas here, 2): each one's ``||x' - x||^2`` and measure share.
+
+        ``measures``: per replica here, the keyword arguments of
+        :meth:`~dsgd_mpi.gossip.Gossiper.round` (``xbar``, ``sketch``, ``seed``)."""
         ...
 
     def close(self) -> None: ...
@@ -72,67 +76,3 @@ class Group(Protocol):
 def mean_(group: Group, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """``out`` = the average over all replicas of their ``parts``."""
     return group.sum_(parts, out).div_(group.size)
-
-
-class MpiGroup:
-    """One replica per rank: reductions and gossip over an MPI communicator."""
-
-    def __init__(self, comm: mpi.Comm, port: mpi.TensorPort, chunk: int = DEFAULT_CHUNK) -> None:
-        self.comm, self.port, self.chunk = comm, port, chunk
-        self.size = comm.Get_size()
-        self.ranks = (comm.Get_rank(),)
-        self.root = comm.Get_rank() == 0
-        self._reducer = mpi.Reducer(comm)
-
-    def sum(self, rows: np.ndarray) -> np.ndarray:
-        return self._reducer.sum(np.atleast_2d(np.asarray(rows, dtype=np.float64)).sum(axis=0))
-
-    def max(self, rows: np.ndarray) -> np.ndarray:
-        return self._reducer.max(np.atleast_2d(np.asarray(rows, dtype=np.float64)).max(axis=0))
-
-    def sum_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        (part,) = parts
-        if part.data_ptr() != out.data_ptr():
-            out.copy_(part)
-        return self.port.allreduce_(self.comm, out)
-
-    def first_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        (part,) = parts
-        if part.data_ptr() != out.data_ptr():
-            out.copy_(part)
-        return self.port.bcast_(self.comm, out, root=0)
-
-    def mixer(self, topology: Topology, flats: Sequence[torch.Tensor], measured: int) -> Mixer:
-        (flat,) = flats
-        return _OneGossiper(
-            Gossiper(self.comm, topology, flat, port=self.port, measured=measured,
-                     chunk=self.chunk)  # fmt: skip
-        )
-
-    def barrier(self) -> None:
-        self.comm.Barrier()
-
-
-class _OneGossiper:
-    """The :class:`Mixer` of one rank: its Gossiper, with rows of one."""
-
-    def __init__(self, gossiper: Gossiper) -> None:
-        self.gossiper = gossiper
-
-    @property
-    def t(self) -> int:
-        return self.gossiper.t
-
-    @t.setter
-    def t(self, value: int) -> None:
-        self.gossiper.t = value
-
-    @property
-    def bytes_last_round(self) -> int:
-        return self.gossiper.bytes_last_round
-
-    def round(self) -> np.ndarray:
-        return np.array([self.gossiper.round()], dtype=np.float64)
-
-    def close(self) -> None:
-        self.gossiper.close()

@@ -17,37 +17,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsgd_mpi import optim
 from dsgd_mpi.config import OptimConfig
+from dsgd_mpi.flat import allocate
+from dsgd_mpi.seeds import Stream, generator
 from dsgd_mpi.shards import ShardedLoader
 
 
-def build_optimizer(o: OptimConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    if o.name == "adam":
-        return torch.optim.Adam(
-            model.parameters(), lr=lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay
-        )
-    return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
-        weight_decay=o.weight_decay,
-    )  # fmt: skip
-
-
 class Replica:
-    """One replica x_i: model (parameters as views of ``flat``), optimizer, data shard."""
+    """One replica x_i: model (parameters as views of ``flat``), optimizer, data shard.
+
+    Gradients live in one buffer too (``grad``, the size of the parameters at the
+    head of ``flat``): each parameter's ``.grad`` is a view into it, into which
+    backward accumulates in place.
+    """
 
     def __init__(
         self,
         rank: int,
         model: torch.nn.Module,
         flat: torch.Tensor,
+        measured: int,
         loader: ShardedLoader,
-        optim: OptimConfig,
-        lr: float,
+        o: OptimConfig,
+        seed: int = 0,
     ) -> None:
         self.rank, self.model, self.flat, self.loader = rank, model, flat, loader
-        self.optimizer = build_optimizer(optim, model, lr)
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = flat.device
+        self.grad = allocate(measured, device)
+        offset, self._grad_ptrs = 0, []
+        for p in self.params:
+            p.grad = self.grad[offset : offset + p.numel()].view_as(p)
+            self._grad_ptrs.append(p.grad.data_ptr())
+            offset += p.numel()
+        self.optimizer = optim.build(o, flat[:measured], self.grad)
+        self.optim, self.seed = o, seed
         # loss * samples, correct, samples since the last read; ||g||^2 of the last step
         self._sums = torch.zeros(3, dtype=torch.float64, device=device)
         self._grad_sq = torch.zeros((), dtype=torch.float64, device=device)
@@ -63,28 +68,63 @@ class Replica:
             yield from self.loader.batches(epoch, start=start)
             epoch, start = epoch + 1, 0
 
-    def gradients(self, grad_norm: bool = False) -> None:
-        """Forward and backward on the next batch: ``.grad`` at the current parameters."""
+    def gradients(self, step: int, grad_norm: bool = False) -> None:
+        """Forward and backward on the next batch: ``.grad`` (the flat ``grad``) for this step.
+
+        With ``optim.perturb`` (C-SGD baselines) the gradient is taken at a perturbed
+        point and the parameters restored exactly from a copy afterwards:
+        ``sam`` at ``x + rho g/||g||``, ``avg_sam`` at ``x + eps``, eps ~ N(0,
+        perturb_xi2 / d I) drawn from (seed, rank, step), i.e. perturbations whose
+        consensus distance is ``perturb_xi2`` (x = x̄ in C-SGD).
+        """
         assert self._batches is not None, "call start(step) first"
         images, labels = next(self._batches)
+        o, params = self.optim, self.flat[: self.grad.numel()]
+        if o.perturb == "sam":
+            self._backward(images, labels, record=True)
+            scale = o.rho / (torch.linalg.vector_norm(self.grad) + 1e-12)  # stays on the device
+            saved = params.clone()
+            params.add_(self.grad * scale)
+            self._backward(images, labels, record=False)
+            params.copy_(saved)
+        elif o.perturb == "avg_sam" and o.perturb_xi2 > 0:
+            g = generator(Stream.PERTURB, self.seed, self.rank, step, device=params.device)
+            eps = torch.randn(params.shape, generator=g, device=params.device)
+            saved = params.clone()
+            params.add_(eps, alpha=(o.perturb_xi2 / params.numel()) ** 0.5)
+            self._backward(images, labels, record=True)
+            params.copy_(saved)
+        else:
+            self._backward(images, labels, record=True)
+        if grad_norm:
+            self._grad_sq = torch.linalg.vector_norm(self.grad, dtype=torch.float64) ** 2
+
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor, record: bool) -> None:
         self.model.train()
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grad.zero_()
         loss.backward()
-        with torch.no_grad():
-            self._sums[0] += loss.detach().double() * len(labels)
-            self._sums[1] += (logits.argmax(1) == labels).sum()
-            self._sums[2] += len(labels)
-            if grad_norm:
-                grads = [p.grad for p in self.params if p.grad is not None]
-                self._grad_sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
+        self._keep_grads_flat()
+        if record:  # training loss and accuracy of the step, accumulated on the device
+            with torch.no_grad():
+                self._sums[0] += loss.detach().double() * len(labels)
+                self._sums[1] += (logits.argmax(1) == labels).sum()
+                self._sums[2] += len(labels)
+
+    def _keep_grads_flat(self) -> None:
+        """Backward accumulates into each ``.grad`` view; should autograd ever have put a
+        new tensor there instead, its values go back into the flat buffer."""
+        for p, ptr in zip(self.params, self._grad_ptrs, strict=True):
+            if p.grad is None or p.grad.data_ptr() != ptr:
+                view = self.grad[ptr_offset(self.grad, ptr) :][: p.numel()].view_as(p)
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
 
     def apply(self, lr: float) -> None:
         """The optimizer step with the gradients of :meth:`gradients`."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        self.optimizer.step(lr)
 
     def take_sums(self) -> np.ndarray:
         """(loss * samples, correct, samples) since the last call; one device read."""
@@ -108,6 +148,20 @@ class Replica:
         self._sums.copy_(state["sums"])
 
 
+class Buffers:
+    """Replicas reduced to what gossip and the consensus measures read: flat buffers
+    whose first ``measured`` elements are parameters (the demo, the benchmarks)."""
+
+    def __init__(self, flats: Sequence[torch.Tensor], measured: int | None = None) -> None:
+        self.flats = list(flats)
+        self.measured = self.flats[0].numel() if measured is None else measured
+
+
+def ptr_offset(buffer: torch.Tensor, ptr: int) -> int:
+    """Element offset of address ``ptr`` inside ``buffer``."""
+    return (ptr - buffer.data_ptr()) // buffer.element_size()
+
+
 class Replicas:
     """The replicas of this process, stepped one after the other."""
 
@@ -123,9 +177,9 @@ class Replicas:
         for r in self.items:
             r.start(step)
 
-    def gradients(self, grad_norm: bool = False) -> None:
+    def gradients(self, step: int, grad_norm: bool = False) -> None:
         for r in self.items:
-            r.gradients(grad_norm)
+            r.gradients(step, grad_norm)
 
     def apply(self, lr: float) -> None:
         for r in self.items:

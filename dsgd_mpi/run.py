@@ -15,6 +15,7 @@ GPUs) and get torch threads from their CPU affinity mask.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -26,9 +27,10 @@ from dsgd_mpi import comm as mpi
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config, ConfigError
 from dsgd_mpi.control import reference_maxima
-from dsgd_mpi.data import DataError, load
+from dsgd_mpi.data import DataError, fetch_once, load
 from dsgd_mpi.flat import FlatError
-from dsgd_mpi.group import MpiGroup
+from dsgd_mpi.launch import launch_mismatch, threads_for
+from dsgd_mpi.ranks import MpiGroup
 from dsgd_mpi.trainer import Trainer
 
 EXIT_BAD_INPUT = 2
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_config(comm: mpi.Comm, path: str | None, overrides: list[str]) -> int:
     """One run from a config file and overrides: 0 when done, 2 on bad input, 3 if stopped."""
-    problem = mpi.launch_mismatch(os.environ, comm.Get_size())
+    problem = launch_mismatch(os.environ, comm.Get_size())
     if problem:
         print(f"launch error: {problem}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
@@ -60,7 +62,7 @@ def run_config(comm: mpi.Comm, path: str | None, overrides: list[str]) -> int:
     cfg, reference = agreed
     group = MpiGroup(comm, mpi.TensorPort("cpu", staged=False))
     resume = checkpoint.agree_on_resume(group, assemble.checkpoint_dir(cfg))
-    if not _agree(comm, lambda: _check_start(comm, cfg, resume)):
+    if not _agree(comm, lambda: assemble.start_problem(cfg, comm.Get_size(), resume)):
         return EXIT_BAD_INPUT
     return _train(comm, cfg, reference, resume)
 
@@ -120,30 +122,6 @@ def _agree_on_config(
     return config_mod.from_yaml(text), maxima
 
 
-def _check_start(comm: mpi.Comm, cfg: Config, resume: int | None) -> str:
-    """Rank 0: why this run may not start, or "".
-
-    A checkpoint of another recipe or world size is not continued; a run file
-    that exists is never overwritten unless this launch resumes that run (its
-    checkpoint) or ``run.overwrite`` moves it aside.
-    """
-    if resume is None:
-        return assemble.existing_run_problem(cfg)
-    directory = assemble.checkpoint_dir(cfg)
-    state = checkpoint.load(directory, resume, 0)
-    key = checkpoint.config_mismatch(state["config"], config_mod.to_yaml(cfg))
-    if state["world_size"] != comm.Get_size():
-        problem = f"written by {state['world_size']} ranks, this job has {comm.Get_size()}"
-    elif key:
-        problem = f"written by a run whose {key} differs"
-    else:
-        return ""
-    return (
-        f"checkpoint.dir: {checkpoint.step_dir(directory, resume)} was {problem}; "
-        "use another run.name or checkpoint.dir, or delete it to start over"
-    )
-
-
 def build(
     comm: mpi.Comm, cfg: Config, reference: dict[int, float] | None = None,
     resume: int | None = None,
@@ -154,10 +132,16 @@ def build(
     device, port = _device_and_port(comm, cfg, log)
     group = MpiGroup(comm, port)
     d = cfg.data
-    train = load(d.name, d.root, train=True, download=d.download,
-                 synthetic_size=d.synthetic_size, seed=cfg.run.seed)  # fmt: skip
-    test = load(d.name, d.root, train=False, download=d.download,
-                synthetic_size=d.synthetic_size, seed=cfg.run.seed)  # fmt: skip
+    # With data.download every rank calls load twice (collectives): rank 0 downloads,
+    # then one rank per node that still cannot see the files; the others wait.
+    local_rank, _ = mpi.node_local(comm)
+    once = functools.partial(fetch_once, rank0=rank == 0, node_leader=local_rank == 0,
+                             barrier=comm.Barrier)  # fmt: skip
+    train, test = (
+        load(d.name, d.root, train=split, download=d.download, synthetic_size=d.synthetic_size,
+             seed=cfg.run.seed, coordinate=once)  # fmt: skip
+        for split in (True, False)
+    )
     replicas = assemble.make_replicas(cfg, [rank], n, train, device)
     attrs = assemble.run_attrs(cfg, n, "mpi", mpi.library_version())
     trainer = assemble.make_trainer(cfg, group, replicas, test, device, attrs=attrs,
@@ -204,7 +188,7 @@ def _device_and_port(
 ) -> tuple[torch.device, mpi.TensorPort]:
     """This rank's device and torch threads, and how its tensors reach MPI (logged with why)."""
     local_rank, local_size = mpi.node_local(comm)
-    threads, why = mpi.threads_for(os.environ, mpi.node_affinities(comm))
+    threads, why = threads_for(os.environ, mpi.node_affinities(comm))
     torch.set_num_threads(threads)
     gpus = torch.cuda.device_count()
     if gpus and local_size > gpus and local_rank == 0:

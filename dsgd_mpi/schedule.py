@@ -52,10 +52,19 @@ def peak_lr(cfg: Config, world_size: int) -> float:
     return cfg.optim.lr
 
 
-def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Steps of the whole run: ``ceil(run.epochs * steps_per_epoch)``, >= 1."""
+def run_epochs(cfg: Config, steps_per_epoch: int) -> float:
+    """Length of the run in epochs: ``run.epochs``, or ``run.steps / steps_per_epoch``."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return cfg.run.steps / steps_per_epoch if cfg.run.steps else cfg.run.epochs
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Steps of the whole run: ``run.steps``, or ``ceil(run.epochs * steps_per_epoch)``, >= 1."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if cfg.run.steps:
+        return cfg.run.steps
     return max(1, math.ceil(cfg.run.epochs * steps_per_epoch - _EPS))
 
 
@@ -66,26 +75,70 @@ def step_epoch(step: int, steps_per_epoch: int) -> float:
     return (step + 1) / steps_per_epoch
 
 
-def milestone_epochs(cfg: Config) -> tuple[float, ...]:
-    """Epochs at which the lr decays: ``optim.milestones * run.epochs``."""
-    return tuple(m * cfg.run.epochs for m in cfg.optim.milestones)
+def milestone_epochs(cfg: Config, epochs: float | None = None) -> tuple[float, ...]:
+    """Epochs at which the lr decays: ``optim.milestones`` times the run's length in epochs
+    (``epochs``, default ``run.epochs``)."""
+    length = cfg.run.epochs if epochs is None else epochs
+    return tuple(m * length for m in cfg.optim.milestones)
 
 
-def lr_at(cfg: Config, world_size: int, epoch: float) -> float:
+def lr_at(
+    cfg: Config, world_size: int, epoch: float, epochs: float | None = None,
+    steps_per_epoch: int | None = None,
+) -> float:  # fmt: skip
     """Learning rate of the step that ends at ``epoch`` (pass ``step_epoch(step, spe)``).
 
-    ``peak_lr * min(1, epoch / warmup_epochs)`` (linear warmup from 0; the
-    last warmup step reaches the peak), times ``optim.decay`` for every
-    milestone that ``epoch`` has passed.
+    ``peak_lr * (f + (1 - f) min(1, epoch / warmup))`` with ``f =
+    optim.warmup_from`` (linear warmup; the last warmup step reaches the peak;
+    ``warmup_steps`` counts in steps, hence ``steps_per_epoch``), times
+    ``optim.decay`` for every milestone that ``epoch`` has passed. ``epochs``:
+    the run's length (default ``run.epochs``).
     """
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
+    o = cfg.optim
     lr = peak_lr(cfg, world_size)
-    warmup = cfg.optim.warmup_epochs
+    warmup = o.warmup_epochs
+    if o.warmup_steps:
+        if not steps_per_epoch:
+            raise ValueError("optim.warmup_steps needs steps_per_epoch")
+        warmup = o.warmup_steps / steps_per_epoch
     if warmup > 0:
-        lr *= min(1.0, epoch / warmup)
-    passed = sum(1 for b in milestone_epochs(cfg) if _past(epoch, b))
-    return lr * cfg.optim.decay**passed
+        lr *= o.warmup_from + (1.0 - o.warmup_from) * min(1.0, epoch / warmup)
+    passed = sum(1 for b in milestone_epochs(cfg, epochs) if _past(epoch, b))
+    return lr * o.decay**passed
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Step -> epoch, lr and consensus phase for one run (its world size and epoch length)."""
+
+    cfg: Config
+    world_size: int
+    steps_per_epoch: int
+
+    @property
+    def epochs(self) -> float:
+        return run_epochs(self.cfg, self.steps_per_epoch)
+
+    @property
+    def total_steps(self) -> int:
+        return total_steps(self.cfg, self.steps_per_epoch)
+
+    @property
+    def spans(self) -> tuple[PhaseSpan, ...]:
+        return phases(self.cfg, self.epochs)
+
+    def epoch(self, step: int) -> float:
+        """Fractional epoch at the end of 0-based ``step``."""
+        return step_epoch(step, self.steps_per_epoch)
+
+    def lr(self, step: int) -> float:
+        return lr_at(self.cfg, self.world_size, self.epoch(step), self.epochs,
+                     self.steps_per_epoch)  # fmt: skip
+
+    def phase(self, step: int) -> PhaseSpan:
+        return phase_at(self.spans, self.epoch(step))
 
 
 @dataclass(frozen=True)
@@ -112,22 +165,22 @@ class PhaseSpan:
     """EMA coefficient for target=adaptive."""
 
 
-def phases(cfg: Config) -> tuple[PhaseSpan, ...]:
-    """``consensus.phases`` as consecutive spans covering ``[0, run.epochs]``.
+def phases(cfg: Config, epochs: float | None = None) -> tuple[PhaseSpan, ...]:
+    """``consensus.phases`` as consecutive spans covering ``[0, epochs]`` (the run's length,
+    default ``run.epochs``).
 
-    Each phase starts where the previous one ends; the last ends at
-    ``run.epochs`` (its ``until_epoch`` is null or, as the config guarantees,
-    not before the end of the run).
+    Each phase starts where the previous one ends; the last ends with the run.
     """
+    length = cfg.run.epochs if epochs is None else epochs
     spans = []
     start = 0.0
     ps = cfg.consensus.phases
     last = len(ps) - 1
     # No boundaries given at all: the phases are the intervals between lr decays.
     by_decay = last > 0 and all(p.until_epoch is None for p in ps)
-    ends = list(milestone_epochs(cfg)) if by_decay else [p.until_epoch for p in ps]
+    ends = list(milestone_epochs(cfg, length)) if by_decay else [p.until_epoch for p in ps]
     for k, p in enumerate(ps):
-        end = cfg.run.epochs if k == last or ends[k] is None else ends[k]
+        end = length if k == last or ends[k] is None else ends[k]
         spans.append(
             PhaseSpan(
                 index=k,

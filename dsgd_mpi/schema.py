@@ -59,7 +59,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 DataName = Literal["fashion_mnist", "cifar10", "cifar100", "imagenet32", "synthetic"]
-ModelName = Literal["resnet20", "small_cnn", "mlp"]
+ModelName = Literal["resnet20", "resnet18", "small_cnn", "mlp"]
 # One list of names, owned by topology.py: a new topology is accepted here too.
 TopologyName = Literal[TOPOLOGY_NAMES]  # type: ignore[valid-type]
 Target = Literal["none", "constant", "adaptive", "exact"]
@@ -88,6 +88,8 @@ class RunConfig:
     """Directory that holds one subdirectory per run."""
     epochs: PosFloat = 3.0
     """Length of the run in epochs of each rank's shard (may be fractional)."""
+    steps: PosInt | None = None
+    """Length of the run in steps instead of epochs (e.g. the same steps at every batch)."""
     overwrite: bool = False
     """Start over when out_dir/name.h5 exists: the old file is kept as name.h5.1, .2, ..."""
 
@@ -112,6 +114,8 @@ class DataConfig:
     """Download the data set into root if it is missing."""
     augment: bool = True
     """Training augmentation (random crop and flip for the CIFAR-like sets)."""
+    resize: PosInt | None = None
+    """Resize train and test images to resize x resize (bilinear, on the device); null: as is."""
     synthetic_size: PosInt = 2048
     """Number of training samples of the synthetic data set."""
 
@@ -124,6 +128,8 @@ class ModelConfig:
     """Architecture."""
     width: PosInt = 1
     """Width multiplier of the channels / hidden units."""
+    pretrained: bool = False
+    """resnet18: start from torchvision's ImageNet weights (downloaded; needs internet)."""
 
 
 @_section
@@ -145,14 +151,26 @@ class OptimConfig:
     weight_decay: NonNegFloat = 1e-4
     """L2 weight decay."""
     warmup_epochs: NonNegFloat = 0.0
-    """Linear warmup from 0 to the peak lr over this many epochs."""
+    """Linear warmup to the peak lr over this many epochs."""
+    warmup_steps: NonNegInt = 0
+    """Linear warmup over this many steps instead (warmup_epochs must then be 0)."""
+    warmup_from: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Warmup starts at this fraction of the peak lr (Zhu et al.: 0.1)."""
     milestones: tuple[Fraction, ...] = (0.5, 0.75)
     """Fractions of run.epochs at which the lr is multiplied by decay."""
     decay: Annotated[float, Field(gt=0, le=1)] = 0.1
     """Factor applied to the lr at each milestone."""
+    perturb: Literal["none", "sam", "avg_sam"] = "none"
+    """C-SGD baselines: gradient at x + rho g/|g| (sam) or at xbar + N(0, perturb_xi2/d I)."""
+    rho: NonNegFloat = 0.05
+    """perturb=sam: radius of the ascent step."""
+    perturb_xi2: NonNegFloat = 0.0
+    """perturb=avg_sam: total variance of the Gaussian perturbation (a D-SGD run's Xi^2)."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
+        if self.warmup_steps and self.warmup_epochs:
+            raise _Invalid("warmup_steps", "give warmup_steps or warmup_epochs, not both")
         ms = self.milestones
         for k in range(1, len(ms)):
             if ms[k] <= ms[k - 1]:
@@ -180,6 +198,8 @@ class GossipConfig:
     """Also mix BatchNorm running statistics (otherwise they stay local)."""
     device_buffers: Literal["auto", "on", "off"] = "auto"
     """Hand device memory to MPI directly: on, off (stage via host), auto (if CUDA-aware)."""
+    order: Literal["local_first", "gossip_first"] = "local_first"
+    """local_first: mix after the local update (Kong); gossip_first: mix x^t, then apply g (Zhu)."""
 
 
 @_section
@@ -225,6 +245,10 @@ class Phase:
 class ConsensusConfig:
     """Consensus-distance control, phase by phase."""
 
+    measure: Literal["estimate", "exact", "sketch"] = "estimate"
+    """What targets are compared with: the round's movement e2, the distance Xi^2, or a sketch."""
+    sketch_size: Annotated[int, Field(ge=64, le=2**31 - 1)] = 4096
+    """Buckets k of the CountSketch of measure=sketch (relative error about sqrt(2/k))."""
     phases: tuple[Phase, ...] = (Phase(),)
     """Phases in order, each ended by its until_epoch; with none given, the lr decays."""
 
@@ -269,6 +293,20 @@ class MetricsConfig:
     """Evaluate the averaged and local models every this many epochs (fractions allowed)."""
     flush_every: PosInt = 50
     """Flush logged rows to the HDF5 file every this many steps."""
+    bn: Literal["averaged", "recompute", "rank0"] = "averaged"
+    """BatchNorm statistics of the averaged model: mean of the ranks', recomputed, or rank 0's."""
+    bn_batches: NonNegInt = 10
+    """bn=recompute: training batches per rank to re-estimate the statistics on."""
+    sharpness_every: NonNegFloat = 0.0
+    """Measure lambda_max and the Hessian trace of the averaged model every this many epochs."""
+    sharpness_samples: PosInt = 1024
+    """Training samples (fixed, seeded, split across ranks) the sharpness is measured on."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsConfig:
+        if self.bn == "recompute" and self.bn_batches == 0:
+            raise _Invalid("bn_batches", "bn: recompute needs at least one batch (got 0)")
+        return self
 
 
 @_section
@@ -306,10 +344,22 @@ class Config:
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        if self.optim.perturb != "none" and self.topology.name != "complete":
+            free = [k for k, p in enumerate(self.consensus.phases) if p.target != "exact"]
+            if free:
+                raise _Invalid(
+                    "optim.perturb",
+                    f"{self.optim.perturb} is a C-SGD baseline: it needs topology complete or "
+                    f"target exact in every phase (phase {free[0]} is decentralized)",
+                )
+        if self.model.pretrained and self.model.name != "resnet18":
+            raise _Invalid("model.pretrained", f"only resnet18 has pretrained weights "
+                                               f"(model.name is {self.model.name})")  # fmt: skip
         # Phases are in absolute epochs; one that ends at or after the end of the
-        # run would leave the phases after it unreachable.
+        # run would leave the phases after it unreachable. (A run given in steps has
+        # its length in epochs only once the data set is loaded.)
         ps = self.consensus.phases
-        epochs = self.run.epochs
+        epochs = self.run.epochs if self.run.steps is None else float("inf")
         if len(ps) > 1 and all(p.until_epoch is None for p in ps):
             want = len(self.optim.milestones) + 1
             if len(ps) != want:

@@ -25,6 +25,9 @@ class Stream(IntEnum):
     SHUFFLE = 3  # order of one pass over a dirichlet shard: (seed, rank, pass)
     AUGMENT = 4  # crop and flip of one batch: (seed, rank, epoch, batch)
     SYNTH = 5  # synthetic data set: (seed[, train])
+    SKETCH = 6  # CountSketch of the consensus measure: (seed, step)
+    PERTURB = 7  # average-direction SAM noise: (seed, rank, step)
+    SHARPNESS = 8  # sharpness subset and random vectors: (seed, evaluation step)
 
 
 def derive_seed(*parts: int) -> int:

@@ -21,7 +21,7 @@ import torch
 from dsgd_mpi import checkpoint, schedule
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
-from dsgd_mpi.consensus import Communication, Consensus, Diverged
+from dsgd_mpi.consensus import Communication, Consensus, Diverged, Measure
 from dsgd_mpi.control import TargetPolicy
 from dsgd_mpi.evaluation.evaluate import Evaluator
 from dsgd_mpi.group import Group
@@ -43,17 +43,19 @@ class Trainer:
         writer: MetricsWriter,
         log: Callable[[str], None],
         policy: TargetPolicy,
-        steps_per_epoch: int,
+        timeline: schedule.Timeline,
         checkpoints: checkpoint.Checkpointer,
     ) -> None:
         self.cfg, self.group, self.replicas, self.evaluator = cfg, group, replicas, evaluator
         self.writer, self.log, self.policy, self.checkpoints = writer, log, policy, checkpoints
         self.n = group.size
         topology = Topology(cfg.topology.name, self.n, seed=cfg.topology.seed)
-        self.consensus = Consensus(group, replicas, topology)
-        self.spans = policy.spans
-        self.spe = steps_per_epoch
-        self.total_steps = schedule.total_steps(cfg, steps_per_epoch)
+        c = cfg.consensus
+        measure = Measure(c.measure, group, replicas, c.sketch_size, cfg.run.seed)
+        self.consensus = Consensus(group, replicas, topology, measure)
+        self.timeline = timeline
+        self.spe = timeline.steps_per_epoch
+        self.total_steps = timeline.total_steps
         self.step = 0
         self.totals = dict.fromkeys(TOTALS, 0.0)
         self.clock = time.perf_counter()
@@ -76,28 +78,34 @@ class Trainer:
         return self.last_eval
 
     def train_step(self) -> None:
-        """One step: gradients, update and gossip until the phase's target, a log row when due."""
-        epoch = schedule.step_epoch(self.step, self.spe)
-        phase = schedule.phase_at(self.spans, epoch)
-        lr = schedule.lr_at(self.cfg, self.n, epoch)
+        """One step: gradients, update and gossip until the phase's target, a log row when due.
+
+        ``gossip.order``: local_first mixes the updated parameters (Kong et al.);
+        gossip_first mixes x^t and then applies the gradient taken at x^t (Zhu et al.).
+        """
+        phase, lr = self.timeline.phase(self.step), self.timeline.lr(self.step)
+        communicating = (self.step + 1) % self.cfg.gossip.local_steps == 0
+        first = communicating and self.cfg.gossip.order == "gossip_first"
         t0 = time.perf_counter()
         adaptive = self.policy.needs_gradient_norm(phase)
-        self.replicas.gradients(grad_norm=adaptive)
+        self.replicas.gradients(self.step, grad_norm=adaptive)
         if adaptive:  # the target must be the same on every replica: reduce first
             self.policy.observe(phase, float(self.group.sum(self.replicas.grad_sq())[0]) / self.n)
-        self.replicas.apply(lr)
-        time_compute = time.perf_counter() - t0
         comm = Communication()
-        if (self.step + 1) % self.cfg.gossip.local_steps == 0:
+        if first:
             comm = self.communicate(phase, self.policy.target(phase, lr))
+        self.replicas.apply(lr)
+        if communicating and not first:
+            comm = self.communicate(phase, self.policy.target(phase, lr))
+        time_compute = time.perf_counter() - t0 - comm.time_gossip - comm.time_allreduce
         self.step += 1
         self._account(comm, time_compute)
         if self._row_due():
-            self.log_step(epoch, phase.index, lr, comm, time_compute)
+            self.log_step(self.timeline.epoch(self.step - 1), phase.index, lr, comm, time_compute)
 
     def communicate(self, phase: schedule.PhaseSpan, target: float) -> Communication:
         try:
-            return self.consensus.communicate(phase, target)
+            return self.consensus.communicate(phase, target, self.step)
         except Diverged as exc:
             raise FloatingPointError(
                 f"parameters diverged at step {self.step + 1}: {exc}. "
@@ -113,7 +121,7 @@ class Trainer:
         """Every ``eval_every`` epochs (fractions allowed, as steps), and at the end of the run."""
         every = max(1, round(self.cfg.metrics.eval_every * self.spe))
         if self.step % every == 0 or self.step == self.total_steps:
-            row = self.evaluator(self.step, schedule.step_epoch(self.step - 1, self.spe))
+            row = self.evaluator(self.step, self.timeline.epoch(self.step - 1))
             self.writer.log_eval(row)
             self.last_eval = row
             self.log(
@@ -136,7 +144,7 @@ class Trainer:
         exact = math.nan
         if every and self.step % every == 0:
             t0 = time.perf_counter()
-            exact = 0.0 if comm.exact_phase else self.consensus.exact_distance()
+            exact = self._exact_distance(comm)
             comm.time_allreduce += time.perf_counter() - t0
             self.totals["time_allreduce"] += time.perf_counter() - t0
         sums = self.group.sum(self.replicas.take_sums())  # since the last row
@@ -157,11 +165,21 @@ class Trainer:
         )  # fmt: skip
         self.writer.log_step(row)
         rate = self._samples_per_second()
+        name = {"estimate": "e2", "exact": "Xi2", "sketch": "Xi2~"}[self.consensus.measure.name]
         self.log(
             f"epoch {epoch:6.2f}  step {self.step:>6}/{self.total_steps}  loss {loss:.4f}  "
-            f"acc {100 * acc:5.1f}%  e2 {comm.estimate:.3e}  rounds {comm.rounds}  "
+            f"acc {100 * acc:5.1f}%  {name} {comm.measured:.3e}  rounds {comm.rounds}  "
             f"lr {lr:.4f}  {rate:,.0f} samples/s"
         )
+
+    def _exact_distance(self, comm: Communication) -> float:
+        """Xi^2 after this step's communication; free when the loop measured it."""
+        if comm.exact_phase:
+            return 0.0
+        last_was_exact = self.consensus.measure.name == "exact"
+        if comm.rounds and last_was_exact and self.cfg.gossip.order == "local_first":
+            return comm.measured  # the loop's last measurement is after this step's update
+        return self.consensus.exact_distance()
 
     def _samples_per_second(self) -> float:
         now = time.perf_counter()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dsgd_mpi import comm
+from dsgd_mpi import comm, launch
 from tests.mpi_util import finish, run_ranks, start_mpmd
 
 # ------------------------------------------------------------------- pure
@@ -25,7 +25,7 @@ from tests.mpi_util import finish, run_ranks, start_mpmd
     ],
 )
 def test_several_tasks_in_a_one_rank_world_is_refused(env, world, named):
-    message = comm.launch_mismatch(env, world)
+    message = launch.launch_mismatch(env, world)
     assert message is not None and named in message
     for way_out in ("MPI=system", "srun --mpi=", "mpirun"):
         assert way_out in message
@@ -42,20 +42,20 @@ def test_several_tasks_in_a_one_rank_world_is_refused(env, world, named):
     ],
 )
 def test_consistent_launches_pass(env, world):
-    assert comm.launch_mismatch(env, world) is None
+    assert launch.launch_mismatch(env, world) is None
 
 
 def test_threads_respect_omp_num_threads_and_the_cpu_set():
     cpus8 = frozenset(range(8))
-    assert comm.threads_for({"OMP_NUM_THREADS": "3"}, [cpus8, cpus8])[0] == 3
+    assert launch.threads_for({"OMP_NUM_THREADS": "3"}, [cpus8, cpus8])[0] == 3
     # Slurm --cpus-per-task=8: each task has its own 8 CPUs, so all of them.
     disjoint = [cpus8, frozenset(range(8, 16)), frozenset(range(16, 24))]
-    threads, why = comm.threads_for({}, disjoint)
+    threads, why = launch.threads_for({}, disjoint)
     assert threads == 8 and "1 rank" in why
     # plain mpiexec: every rank sees the same 16 cores, 4 ranks share them
     shared = [frozenset(range(16))] * 4
-    assert comm.threads_for({}, shared)[0] == 4
-    assert comm.threads_for({}, [frozenset({0})] * 4)[0] == 1  # never 0
+    assert launch.threads_for({}, shared)[0] == 4
+    assert launch.threads_for({}, [frozenset({0})] * 4)[0] == 1  # never 0
 
 
 def test_cuda_awareness_is_asked_of_the_library_and_explained():

@@ -27,7 +27,9 @@ CFG = {
     "metrics": {"log_every": 1, "exact_every": 0, "eval_every": 2, "flush_every": 1},
     "checkpoint": {"every": 3},
 }
-KILLS = 50
+#: Kills per loop: 12 in the suite (each launch pays the ranks' start-up, ~4 s here);
+#: `make killtest` runs the 50 the README quotes.
+KILLS = int(os.environ.get("DSGD_KILLS", "12"))
 DETERMINISTIC = ("train_loss", "train_acc", "consensus_estimate", "lr", "gossip_rounds")
 
 
@@ -51,7 +53,7 @@ def _digest(path: str) -> str:
 
 
 @pytest.mark.mpi
-def test_fifty_kills_lose_no_flushed_row(tmp_path):
+def test_kills_at_random_moments_lose_no_flushed_row(tmp_path):
     cfg = _config(tmp_path)
     h5 = str(tmp_path / "runs" / "k.h5")
     rng = random.Random(0)
@@ -61,13 +63,23 @@ def test_fifty_kills_lose_no_flushed_row(tmp_path):
     started = time.monotonic()
     for _ in range(KILLS):
         before = _digest(h5) if os.path.exists(h5) else None
+        inode = os.stat(h5).st_ino if os.path.exists(h5) else None
         proc = start_ranks(2, ["-m", "dsgd_mpi.run", cfg, *extra])
         extra = []
-        # From launch to kill: before the file exists, while the job starts (torch import,
-        # resume), and over the flushes that follow.
-        deadline = time.monotonic() + rng.uniform(1.0, 6.0)
+        # One kill in five lands while the job starts (torch import, resume); the others
+        # at a random moment within the first second after this launch's first flush
+        # (every flush replaces the file: a new inode).
+        if rng.random() < 0.2:
+            deadline = time.monotonic() + rng.uniform(0.2, 3.0)
+        else:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if os.path.exists(h5) and os.stat(h5).st_ino != inode:
+                    break
+                time.sleep(0.01)
+            deadline = time.monotonic() + rng.uniform(0.0, 1.0)
         while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+            time.sleep(0.01)
         if proc.poll() is not None:
             # Killed before its first checkpoint, the run cannot be resumed: the relaunch
             # is refused and must leave the file as it was. Start over, keeping it aside.

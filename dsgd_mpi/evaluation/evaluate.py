@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsgd_mpi.config import Config
 from dsgd_mpi.data import DatasetInfo, Split
 from dsgd_mpi.evaluation.averaged import averaged_model
 from dsgd_mpi.group import Group
@@ -25,14 +26,16 @@ BATCH = 1000
 class Evaluator:
     def __init__(
         self, group: Group, models: list[torch.nn.Module], test: tuple[Split, DatasetInfo],
-        device: torch.device, bn: str = "averaged",
+        device: torch.device, cfg: Config,
     ) -> None:  # fmt: skip
-        self.group, self.models, self.device, self.bn = group, models, device, bn
+        self.group, self.models, self.device, self.cfg = group, models, device, cfg
+        self.bn = cfg.metrics.bn
         self.split, self.info = test
 
     def _batches(self, rank: int, world_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return eval_batches(self.split, self.info, rank=rank, world_size=world_size,
-                            batch_size=BATCH, device=self.device)  # fmt: skip
+                            batch_size=BATCH, device=self.device,
+                            resize=self.cfg.data.resize)  # fmt: skip
 
     def __call__(self, step: int, epoch: float) -> dict[str, float]:
         n = self.group.size

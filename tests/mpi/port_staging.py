@@ -11,7 +11,8 @@ import torch
 from mpi4py import MPI
 
 from dsgd_mpi.comm import TensorPort
-from dsgd_mpi.group import MpiGroup, mean_
+from dsgd_mpi.group import mean_
+from dsgd_mpi.ranks import MpiGroup
 
 comm = MPI.COMM_WORLD
 rank, n = comm.Get_rank(), comm.Get_size()

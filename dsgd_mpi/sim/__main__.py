@@ -1,0 +1,110 @@
+"""Run a config with N replicas in one process (see :mod:`dsgd_mpi.sim`).
+
+    python -m dsgd_mpi.sim configs/quickstart.yaml --workers 4
+    python -m dsgd_mpi.sim configs/quickstart.yaml --workers 16 --mode reference run.seed=1
+
+Exit status as ``dsgd_mpi.run``: 0 done, 2 bad input (config, --workers the
+topology cannot serve, a run file that exists), 3 stopped by SIGTERM/SIGUSR1
+after a checkpoint (run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from dsgd_mpi import assemble, checkpoint
+from dsgd_mpi import config as config_mod
+from dsgd_mpi.config import ConfigError
+from dsgd_mpi.control import reference_maxima
+from dsgd_mpi.data import DataError, load
+from dsgd_mpi.launch import threads_for
+from dsgd_mpi.sim.group import SimGroup
+
+EXIT_BAD_INPUT, EXIT_STOPPED = 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsgd_mpi.sim", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--workers", type=int, required=True, help="replicas (the world size)")
+    parser.add_argument("--mode", choices=("fast", "reference"), default="fast",
+                        help="fast: batched replicas; reference: the MPI ranks' arithmetic")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load_config(args.config, args.overrides)
+        config_mod.check_world(cfg, args.workers)
+        reference = reference_maxima(cfg, args.workers)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    group = SimGroup(args.workers)
+    resume = checkpoint.agree_on_resume(group, assemble.checkpoint_dir(cfg))
+    problem = assemble.start_problem(cfg, args.workers, resume)
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _train(cfg, group, args.mode, reference, resume)
+    except (DataError, ConfigError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None) -> int:
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    # The reference mode must compute what an MPI rank computes, which runs one
+    # thread when oversubscribed (and torch's CPU kernels may sum differently per
+    # thread count); the fast mode takes the CPUs it is given.
+    threads = 1 if mode == "reference" else threads_for(os.environ, [_cpus()])[0]
+    torch.set_num_threads(threads)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    d = cfg.data
+    train, test = (
+        load(d.name, d.root, train=split, download=d.download, synthetic_size=d.synthetic_size,
+             seed=cfg.run.seed)  # fmt: skip
+        for split in (True, False)
+    )
+    ranks = list(group.ranks)
+    if mode == "reference":
+        replicas = assemble.make_replicas(cfg, ranks, group.size, train, device)
+    else:
+        from dsgd_mpi.sim.fast import make_fast_replicas
+
+        replicas = make_fast_replicas(cfg, ranks, group.size, train, device)
+        group = SimGroup(group.size, stack=replicas.stack)
+    attrs = assemble.run_attrs(cfg, group.size, "sim", "none")
+    attrs["sim_mode"] = mode
+    trainer = assemble.make_trainer(cfg, group, replicas, test, device, attrs=attrs,
+                                    reference=reference, resume_step=resume, log=log)  # fmt: skip
+    path = assemble.run_path(cfg)
+    log(
+        f"dsgd_mpi.sim ({mode}): {group.size} replicas, {cfg.topology.name}, {cfg.model.name} "
+        f"({replicas.measured:,} params) on {d.name}, {trainer.spe} steps/epoch, {device}, "
+        f"{threads} thread(s), metrics -> {path}"
+    )
+    try:
+        result = trainer.run()
+    finally:
+        trainer.checkpoints.stop.uninstall()
+    if result is None:
+        where = checkpoint.step_dir(trainer.checkpoints.directory, trainer.step)
+        log(f"stopped by {trainer.checkpoints.stop.name} at step {trainer.step}: checkpoint in "
+            f"{where}; run the same command to resume")  # fmt: skip
+        return EXIT_STOPPED
+    log(f"done: averaged model test accuracy {100 * result['test_acc']:.2f}%  metrics in {path}")
+    return 0
+
+
+def _cpus() -> frozenset[int]:
+    return frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

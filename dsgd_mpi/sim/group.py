@@ -1,0 +1,148 @@
+"""The collectives of a run whose replicas all live in this process.
+
+Sums are taken in replica order; gossip mixes every replica with the MPI
+Gossiper's own kernel, on the same chunks, from the values the neighbours held
+before the round (what MPI would have delivered), copied into receive buffers
+allocated as the Gossiper allocates its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dsgd_mpi import mixing
+from dsgd_mpi.flat import allocate
+from dsgd_mpi.mixing import DEFAULT_CHUNK, chunk_bounds
+from dsgd_mpi.topology import Topology
+
+
+class SimGroup:
+    """Every replica of the run, here: reductions are sums over a list."""
+
+    def __init__(
+        self, size: int, chunk: int = DEFAULT_CHUNK, stack: torch.Tensor | None = None
+    ) -> None:
+        """``stack``: the fast mode's N x d buffer, whose rows are the replicas' buffers:
+        gossip then runs on the whole stack at once."""
+        self.size, self.chunk, self.stack = size, chunk, stack
+        self.ranks = tuple(range(size))
+        self.root = True
+
+    def sum(self, rows: np.ndarray) -> np.ndarray:
+        return np.atleast_2d(np.asarray(rows, dtype=np.float64)).sum(axis=0)
+
+    def max(self, rows: np.ndarray) -> np.ndarray:
+        return np.atleast_2d(np.asarray(rows, dtype=np.float64)).max(axis=0)
+
+    def sum_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        first = parts[0]
+        if first.data_ptr() != out.data_ptr():
+            out.copy_(first)
+        for part in parts[1:]:
+            out.add_(part)
+        return out
+
+    def first_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        if parts[0].data_ptr() != out.data_ptr():
+            out.copy_(parts[0])
+        return out
+
+    def mixer(self, topology: Topology, flats: Sequence[torch.Tensor], measured: int):
+        if self.stack is not None:
+            from dsgd_mpi.sim.fast import StackMixer
+
+            return StackMixer(topology, self.stack, measured)
+        return SimMixer(topology, flats, measured, self.chunk)
+
+    def barrier(self) -> None:
+        pass
+
+
+class SimMixer:
+    """Gossip rounds over all replicas, each mixed exactly as its MPI rank mixes itself."""
+
+    def __init__(
+        self, topology: Topology, flats: Sequence[torch.Tensor], measured: int, chunk: int
+    ) -> None:  # fmt: skip
+        if topology.n != len(flats):
+            raise ValueError(f"topology is for n={topology.n} but there are {len(flats)} replicas")
+        self.topology, self.flats, self.measured = topology, list(flats), measured
+        self.t = 0
+        self.bytes_last_round = 0
+        numel = self.flats[0].numel()
+        self.chunks = chunk_bounds(numel, measured, chunk)
+        width = max(hi - lo for lo, hi, _ in self.chunks)
+        device = self.flats[0].device
+        self._host = device.type == "cpu"
+        self._recv = [allocate(width, device) for _ in range(max(1, topology.max_exchanges))]
+        self._scratch = allocate(width, device)
+        self._before = [allocate(numel, device) for _ in self.flats]  # what neighbours send
+
+    def close(self) -> None:
+        pass
+
+    def round(self, measures: Sequence[dict] | None = None) -> np.ndarray:
+        t, self.t = self.t, self.t + 1
+        n = self.topology.n
+        rows = np.zeros((n, 2))
+        numel = self.flats[0].numel()
+        if n == 1:
+            self.bytes_last_round = 0
+            return rows
+        if self.topology.is_allreduce:
+            return self._average()
+        for before, x in zip(self._before, self.flats, strict=True):
+            before.copy_(x)
+        sent = 0
+        for i, x in enumerate(self.flats):
+            exchanges = self.topology.exchanges(i, t)
+            sent = max(sent, 4 * numel * len(exchanges))
+            args = dict(measures[i]) if measures else {}
+            rows[i] = self._mix(x, exchanges, args)
+        self.bytes_last_round = sent
+        return rows
+
+    def _mix(self, x: torch.Tensor, exchanges, args: dict) -> tuple[float, float]:
+        xbar, sketch, seed = args.get("xbar"), args.get("sketch"), args.get("seed", 0)
+        if sketch is not None:
+            sketch.zero_()
+        weights = [e.weight for e in exchanges]
+        estimate = distance = 0.0
+        for lo, hi, measured in self.chunks:
+            m = hi - lo
+            received = []
+            for k, e in enumerate(exchanges):  # what MPI would have put in receive buffer k
+                self._recv[k][:m].copy_(self._before[e.recv_from][lo:hi])
+                received.append(self._recv[k][:m])
+            kwargs = {}
+            if measured and xbar is not None:
+                kwargs["xbar"] = xbar[lo:hi]
+            if measured and sketch is not None:
+                kwargs["sketch"] = (sketch, lo, seed)
+            if not exchanges and not kwargs:
+                continue
+            if self._host:
+                e, d = mixing.mix(x[lo:hi], received, weights, self._scratch[:m], **kwargs)
+            else:
+                e, d = mixing.mix_torch(x[lo:hi], received, weights, self._scratch[:m], **kwargs)
+            if measured:
+                estimate, distance = estimate + e, distance + d
+        return estimate, distance
+
+    def _average(self) -> np.ndarray:
+        """``complete``: every replica becomes the average (summed in replica order)."""
+        n, m = self.topology.n, self.measured
+        avg = self._before[0].copy_(self.flats[0])
+        for x in self.flats[1:]:
+            avg.add_(x)
+        avg.mul_(1.0 / n)
+        rows = np.zeros((n, 2))
+        for i, x in enumerate(self.flats):
+            d = avg[:m] - x[:m]
+            rows[i, 0] = float(torch.dot(d, d))
+            x.copy_(avg)
+        self.bytes_last_round = 4 * self.flats[0].numel()
+        return rows
