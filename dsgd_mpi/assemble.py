@@ -8,6 +8,7 @@ built here, the same way for both.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -102,6 +103,7 @@ def make_replicas(
         model = build_model(
             cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
             width=cfg.model.width, image_size=d.resize or info.height,
+            pretrained=cfg.model.pretrained,
         ).to(device)  # fmt: skip
         flat, slots = flatten(model, buffers=cfg.gossip.buffers)
         params = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -129,6 +131,7 @@ def make_trainer(
     cfg: Config,
     group: Group,
     replicas: Replicas,
+    train: tuple[Split, DatasetInfo],
     test: tuple[Split, DatasetInfo],
     device: torch.device,
     *,
@@ -154,7 +157,14 @@ def make_trainer(
     stop = checkpoint.StopRequest().install()
     checkpoints = checkpoint.Checkpointer(group, ckpt_dir, cfg.checkpoint.every, stop)
     split, info = test
-    evaluator = Evaluator(group, replicas.models, (split.to(device), info), device, cfg)
+    loaders = [item.loader for item in replicas.items]
+
+    def bn_batches(i: int):  # metrics.bn: recompute
+        return (images for images, _ in itertools.islice(loaders[i].batches(0),
+                                                         cfg.metrics.bn_batches))
+
+    evaluator = Evaluator(group, replicas.models, (split.to(device), info), train, device, cfg,
+                          bn_batches)  # fmt: skip
     trainer = Trainer(cfg, group, replicas, evaluator, writer, log, policy, timeline, checkpoints)
     if states:
         trainer.load_state_dict(states)

@@ -152,17 +152,24 @@ class TensorPort:
         _sync(t)
         return t.numpy() if t.device.type == "cpu" else t
 
-    def allreduce_(self, comm: MPI.Comm, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Elementwise sum (or max) over ranks, in place; returns ``t``."""
+    def allreduce_(
+        self, comm: MPI.Comm, t: torch.Tensor, op: str = "sum", identical: bool = False
+    ) -> torch.Tensor:
+        """Elementwise sum (or max) over ranks, in place; returns ``t``.
+
+        ``identical``: reduce to rank 0 and broadcast, so that every rank holds the
+        same bytes (MPI does not promise that of Allreduce); for values that
+        decide control flow on every rank.
+        """
         mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
         if self.staged:
             h = self.host("reduce", t)
             h.copy_(t.reshape(-1))
-            comm.Allreduce(MPI.IN_PLACE, h.numpy(), op=mpi_op)
+            _allreduce(comm, h.numpy(), mpi_op, identical)
             t.reshape(-1).copy_(h)
             return t
         _sync(t)
-        comm.Allreduce(MPI.IN_PLACE, t.numpy() if t.device.type == "cpu" else t, op=mpi_op)
+        _allreduce(comm, t.numpy() if t.device.type == "cpu" else t, mpi_op, identical)
         return t
 
     def bcast_(self, comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -176,6 +183,17 @@ class TensorPort:
         _sync(t)
         comm.Bcast(t.numpy() if t.device.type == "cpu" else t, root=root)
         return t
+
+
+def _allreduce(comm: MPI.Comm, buf: Any, op: MPI.Op, identical: bool) -> None:
+    if not identical:
+        comm.Allreduce(MPI.IN_PLACE, buf, op=op)
+        return
+    if comm.Get_rank() == 0:
+        comm.Reduce(MPI.IN_PLACE, buf, op=op, root=0)
+    else:
+        comm.Reduce(buf, None, op=op, root=0)
+    comm.Bcast(buf, root=0)
 
 
 # --------------------------------------------------------- point to point

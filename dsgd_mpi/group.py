@@ -60,8 +60,11 @@ class Group(Protocol):
 
     def max(self, rows: np.ndarray) -> np.ndarray: ...
 
-    def sum_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """``out`` = the elementwise sum over all replicas of their ``parts``."""
+    def sum_(
+        self, parts: Sequence[torch.Tensor], out: torch.Tensor, identical: bool = False
+    ) -> torch.Tensor:
+        """``out`` = the elementwise sum over all replicas of their ``parts``; ``identical``:
+        the same bytes on every process (when control flow depends on them)."""
         ...
 
     def first_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

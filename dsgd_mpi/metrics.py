@@ -31,11 +31,17 @@ STEP_FIELDS = (
     "time_allreduce_total",
 )  # fmt: skip
 EVAL_FIELDS = (
-    "step", "epoch", "test_loss", "test_acc",
+    "step", "epoch", "test_loss", "test_acc", "test_nll", "test_ece",
     "local_acc_mean", "local_acc_min", "local_acc_max",
+    "ensemble_acc", "ensemble_nll", "ensemble_ece",
+    "sharpness_lambda_max", "sharpness_trace", "sharpness_power_iters", "sharpness_trace_iters",
 )  # fmt: skip
+#: 2-D evaluation fields (row x bin): the reliability diagrams of x̄ and of the ensemble.
+EVAL_ARRAYS = tuple(f"{who}_{what}" for who in ("test", "ensemble")
+                    for what in ("bin_confidence", "bin_accuracy", "bin_count"))  # fmt: skip
 _INT_FIELDS = {
     "step", "phase", "gossip_rounds", "bytes_sent", "gossip_rounds_total", "bytes_sent_total",
+    "sharpness_power_iters", "sharpness_trace_iters",
 }  # fmt: skip
 
 
@@ -141,13 +147,16 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
-def _dataset(group: h5py.Group, name: str, rows: int) -> h5py.Dataset:
-    """A resizable 1-D column; rows already in the group are NaN (or -1 for integers)."""
+def _dataset(group: h5py.Group, name: str, rows: int, width: int | None = None) -> h5py.Dataset:
+    """A resizable column (1-D, or rows x ``width``); rows already in the group are NaN
+    (or -1 for integers)."""
     dtype = np.int64 if name in _INT_FIELDS else np.float64
-    dset = group.create_dataset(name, shape=(rows,), maxshape=(None,), chunks=(1024,),
-                                dtype=dtype)  # fmt: skip
+    shape, maxshape, chunks = (rows,), (None,), (1024,)
+    if width is not None:
+        shape, maxshape, chunks = (rows, width), (None, width), (64, width)
+    dset = group.create_dataset(name, shape=shape, maxshape=maxshape, chunks=chunks, dtype=dtype)
     if rows:
-        dset[:] = -1 if dtype is np.int64 else np.nan
+        dset[...] = -1 if dtype is np.int64 else np.nan
     return dset
 
 
@@ -163,18 +172,20 @@ def _write_rows(group: h5py.Group, rows: list[dict], replaced: int) -> None:
     keep_after = int(np.searchsorted(old, last, side="right"))
     for name in dict.fromkeys(k for r in rows for k in r):
         if name not in group:
-            _dataset(group, name, len(old))
+            value = next(r[name] for r in rows if name in r)
+            width = len(value) if isinstance(value, np.ndarray) else None
+            _dataset(group, name, len(old), width)
     for name, dset in group.items():
-        missing = -1 if dset.dtype.kind == "i" else np.nan
+        missing = np.full(dset.shape[1:], -1 if dset.dtype.kind == "i" else np.nan)
         new = np.array([r.get(name, missing) for r in rows], dtype=dset.dtype)
         if keep_before == keep_after == len(old):  # the usual case: appending
-            dset.resize((len(old) + len(new),))
+            dset.resize((len(old) + len(new), *dset.shape[1:]))
             dset[len(old) :] = new
             continue
         values = dset[()]
         merged = np.concatenate([values[:keep_before], new, values[keep_after:]])
-        dset.resize((len(merged),))
-        dset[:] = merged
+        dset.resize(merged.shape)
+        dset[...] = merged
 
 
 def _record_relaunch(f: h5py.File, step: int, changed: Mapping[str, object]) -> None:

@@ -2,7 +2,8 @@
 
 Every constructor takes the same keyword arguments (``num_classes``,
 ``in_channels``, ``width``, ``image_size``) so the trainer can build any of
-them from the config alone. All parameters are float32.
+them from the config alone; ``resnet18`` also takes ``pretrained``. All
+parameters are float32.
 
 - ``resnet20``: the CIFAR ResNet-20 of He et al. (2016): a 3x3 conv with 16k
   channels, three stages of three BasicBlocks (16k, 32k, 64k channels, stride 2
@@ -10,6 +11,15 @@ them from the config alone. All parameters are float32.
   linear classifier; k = ``width``. Shortcuts are option A (strided identity,
   zero-padded channels, no parameters) by default; ``shortcut="conv"`` gives
   1x1-conv + BN projections. ~0.27M parameters at width 1.
+- ``resnet18``: torchvision's ImageNet ResNet-18 in the small-image form of
+  Zhu et al. (2023), who train it on CIFAR-10 upsampled to 56x56 and on Tiny
+  ImageNet: the 7x7 stem conv and the 3x3 max-pool keep their kernels but take
+  stride 1 (so a 32x32 input reaches the last stage at 4x4, not 1x1), and the
+  1000-way head is replaced by a fresh ``num_classes`` linear layer. Keeping the
+  kernel shapes is what lets ``pretrained=True`` load torchvision's ImageNet
+  weights (``ResNet18_Weights.IMAGENET1K_V1``; the papers start from them) into
+  every layer but the head. Fixed width (``width`` must be 1); ~11.2M
+  parameters for 10 classes. torchvision is imported only when one is built.
 - ``small_cnn``: LeNet-like, cheap enough for several ranks on one CPU core:
   conv5x5(16k) - relu - maxpool2 - conv5x5(32k) - relu - maxpool2 -
   adaptive avg pool to 4x4 - linear. ~18k parameters at width 1 for 1x28x28
@@ -169,11 +179,76 @@ class MLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+def _stem_weight_from_rgb(rgb: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Pretrained RGB stem filters [64, 3, k, k] for ``in_channels`` inputs.
+
+    Three channels keep the filters. Otherwise every input channel gets the sum
+    of the three RGB filters divided by ``in_channels``, so an image whose
+    channels are all equal to a grey image g produces exactly the features the
+    RGB network computes for (g, g, g): a grey MNIST digit (one channel) is seen
+    as the pretrained network sees a grey photo. No colour meaning survives for
+    in_channels != 3, and none is claimed.
+    """
+    if in_channels == 3:
+        return rgb.clone()
+    grey = rgb.sum(dim=1, keepdim=True) / in_channels
+    return grey.expand(-1, in_channels, -1, -1).clone()
+
+
+def resnet18(
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int = 1,
+    image_size: int | None = None,  # accepted for a uniform signature; size-agnostic
+    pretrained: bool = False,
+) -> nn.Module:
+    """ResNet-18 in Zhu et al.'s small-image form (module docstring), optionally pretrained.
+
+    ``pretrained=True`` needs torchvision's weight file: downloaded on first use
+    into ``$TORCH_HOME/hub/checkpoints`` (network needed), read from there
+    afterwards; a failure becomes a ``ValueError`` saying what to do. The new
+    head is initialised as ``nn.Linear`` does by default, as in Zhu et al.
+    """
+    _check_common(num_classes, in_channels, width)
+    if width != 1:
+        raise ValueError(f"resnet18 has fixed channel widths: width must be 1, got {width}")
+    import torchvision  # lazily: only runs that build this model pay for the import
+
+    net = torchvision.models.resnet18(weights=None)
+    if pretrained:
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as err:  # offline, proxy, corrupt file: all need the same advice
+            raise ValueError(
+                f"resnet18: cannot load torchvision's ImageNet weights from {weights.url} "
+                f"({type(err).__name__}: {err}). Pre-download the file into "
+                f"{torch.hub.get_dir()}/checkpoints (set TORCH_HOME to choose the place) on a "
+                "machine with network access, or set model.pretrained to false."
+            ) from err
+        net.load_state_dict(state)
+
+    stem = nn.Conv2d(in_channels, 64, kernel_size=7, stride=1, padding=3, bias=False)
+    with torch.no_grad():
+        if pretrained:
+            stem.weight.copy_(_stem_weight_from_rgb(net.conv1.weight, in_channels))
+        else:  # torchvision's init for its convs; fan_out does not depend on in_channels
+            nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+    net.conv1 = stem
+    net.maxpool = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": ResNet20,
+    "resnet18": resnet18,
     "small_cnn": SmallCNN,
     "mlp": MLP,
 }
+PRETRAINED = frozenset({"resnet18"})
+"""Models whose constructor takes ``pretrained``."""
 
 
 def build_model(
@@ -183,22 +258,29 @@ def build_model(
     in_channels: int,
     width: int = 1,
     image_size: int | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
     """Build a registered model with float32 parameters.
 
     ``image_size`` only matters for ``mlp`` (default: 28 for 1 channel, else 32).
+    ``pretrained`` loads ImageNet weights into the models in ``PRETRAINED``
+    (network or a pre-downloaded file needed) and is an error for the others.
     """
     try:
         ctor = MODELS[name]
     except KeyError:
         valid = ", ".join(sorted(MODELS))
         raise ValueError(f"unknown model {name!r}; valid names: {valid}") from None
+    extra = {}
+    if pretrained:
+        if name not in PRETRAINED:
+            raise ValueError(
+                f"model {name!r} has no pretrained weights; pretrained works for: "
+                + ", ".join(sorted(PRETRAINED))
+            )
+        extra["pretrained"] = True
     model = ctor(
-        num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
+        num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size,
+        **extra,
     )
     return model.to(torch.float32)
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -30,11 +30,13 @@ class MpiGroup:
     def max(self, rows: np.ndarray) -> np.ndarray:
         return self._reducer.max(np.atleast_2d(np.asarray(rows, dtype=np.float64)).max(axis=0))
 
-    def sum_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    def sum_(
+        self, parts: Sequence[torch.Tensor], out: torch.Tensor, identical: bool = False
+    ) -> torch.Tensor:
         (part,) = parts
         if part.data_ptr() != out.data_ptr():
             out.copy_(part)
-        return self.port.allreduce_(self.comm, out)
+        return self.port.allreduce_(self.comm, out, identical=identical)
 
     def first_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         (part,) = parts

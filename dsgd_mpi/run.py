@@ -144,7 +144,7 @@ def build(
     )
     replicas = assemble.make_replicas(cfg, [rank], n, train, device)
     attrs = assemble.run_attrs(cfg, n, "mpi", mpi.library_version())
-    trainer = assemble.make_trainer(cfg, group, replicas, test, device, attrs=attrs,
+    trainer = assemble.make_trainer(cfg, group, replicas, train, test, device, attrs=attrs,
                                     reference=reference or {}, resume_step=resume,
                                     log=log)  # fmt: skip
     log(

@@ -118,17 +118,29 @@ class Trainer:
         return self.step % m.log_every == 0 or exact_due or self.step == self.total_steps
 
     def _maybe_evaluate(self) -> None:
-        """Every ``eval_every`` epochs (fractions allowed, as steps), and at the end of the run."""
-        every = max(1, round(self.cfg.metrics.eval_every * self.spe))
-        if self.step % every == 0 or self.step == self.total_steps:
-            row = self.evaluator(self.step, self.timeline.epoch(self.step - 1))
-            self.writer.log_eval(row)
-            self.last_eval = row
-            self.log(
-                f"eval   epoch {row['epoch']:6.2f}  averaged model: test acc "
-                f"{100 * row['test_acc']:.2f}%  loss {row['test_loss']:.4f}  local models: "
-                f"{100 * row['local_acc_min']:.1f}-{100 * row['local_acc_max']:.1f}%"
-            )
+        """Every ``eval_every`` epochs (fractions allowed, as steps), at the end of the run,
+        and whenever the sharpness is due (``sharpness_every`` epochs, 0: never)."""
+        m, last = self.cfg.metrics, self.step == self.total_steps
+        sharpness = bool(m.sharpness_every) and (last or self._due(m.sharpness_every))
+        if not (last or sharpness or self._due(m.eval_every)):
+            return
+        row = self.evaluator(self.step, self.timeline.epoch(self.step - 1), sharpness)
+        self.writer.log_eval(row)
+        self.last_eval = {k: v for k, v in row.items() if np.ndim(v) == 0}
+        sharp = ""
+        if sharpness:
+            sharp = (f"  lambda_max {row['sharpness_lambda_max']:.4g} "
+                     f"trace {row['sharpness_trace']:.4g}")  # fmt: skip
+        self.log(
+            f"eval   epoch {row['epoch']:6.2f}  averaged model: test acc "
+            f"{100 * row['test_acc']:.2f}%  loss {row['test_loss']:.4f}  ECE "
+            f"{row['test_ece']:.3f}  local models: {100 * row['local_acc_min']:.1f}-"
+            f"{100 * row['local_acc_max']:.1f}%  ensemble {100 * row['ensemble_acc']:.2f}% "
+            f"ECE {row['ensemble_ece']:.3f}{sharp}"
+        )
+
+    def _due(self, every_epochs: float) -> bool:
+        return self.step % max(1, round(every_epochs * self.spe)) == 0
 
     # -- measurement -----------------------------------------------------------
     def _account(self, comm: Communication, time_compute: float) -> None:

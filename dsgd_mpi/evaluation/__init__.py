@@ -1,3 +1,8 @@
-"""What an evaluation measures: the averaged model, the local models, their ensemble,
-calibration and sharpness. Collectives go through a :class:`~dsgd_mpi.group.Group`,
-so the same code runs on MPI ranks and in the one-process simulator."""
+"""Instruments for evaluating a run (DESIGN.md "Evaluation"): calibration and sharpness.
+
+Pure torch and numpy, no MPI: every cross-rank step (summing a calibration
+vector, averaging the ranks' softmax, summing Hessian-vector products) is the
+caller's reduction, so the MPI trainer and the one-process simulator share this
+code. ``calibration`` holds the additive accuracy/NLL/ECE accumulator;
+``sharpness`` the Hessian-vector product, power iteration and Hutchinson trace.
+"""

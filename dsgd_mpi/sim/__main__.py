@@ -81,7 +81,7 @@ def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None)
         group = SimGroup(group.size, stack=replicas.stack)
     attrs = assemble.run_attrs(cfg, group.size, "sim", "none")
     attrs["sim_mode"] = mode
-    trainer = assemble.make_trainer(cfg, group, replicas, test, device, attrs=attrs,
+    trainer = assemble.make_trainer(cfg, group, replicas, train, test, device, attrs=attrs,
                                     reference=reference, resume_step=resume, log=log)  # fmt: skip
     path = assemble.run_path(cfg)
     log(

@@ -200,7 +200,8 @@ def make_fast_replicas(
         torch.manual_seed(cfg.run.seed)  # the same initial model on every replica
         model = build_model(cfg.model.name, num_classes=info.num_classes,
                             in_channels=info.in_channels, width=cfg.model.width,
-                            image_size=d.resize or info.height).to(device)  # fmt: skip
+                            image_size=d.resize or info.height,
+                            pretrained=cfg.model.pretrained).to(device)  # fmt: skip
         if stack is None:
             probe, slots = flatten(model, buffers=cfg.gossip.buffers)
             stack = allocate(len(ranks) * probe.numel(), device).view(len(ranks), -1)

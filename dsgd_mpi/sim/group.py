@@ -37,7 +37,9 @@ class SimGroup:
     def max(self, rows: np.ndarray) -> np.ndarray:
         return np.atleast_2d(np.asarray(rows, dtype=np.float64)).max(axis=0)
 
-    def sum_(self, parts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    def sum_(
+        self, parts: Sequence[torch.Tensor], out: torch.Tensor, identical: bool = False
+    ) -> torch.Tensor:
         first = parts[0]
         if first.data_ptr() != out.data_ptr():
             out.copy_(first)
