@@ -10,6 +10,9 @@ Writes to ``--out`` (default ``analysis/``):
 - ``summary_grouped.md`` / ``.csv``: runs that differ only in ``run.seed``
   (and name / out_dir / checkpoint dir) as one row, accuracy mean ± std;
 - ``consensus.png``, ``test_acc.png``, ``rounds.png``;
+- ``control.png``: measured distance / target on every controlled step, by phase;
+- ``sharpness.png``: lambda_max and trace of x̄ per evaluation;
+- ``reliability.png``: x̄ against the ensemble of local models (last evaluation);
 - ``phase_factor.md`` when the runs form a dec-phase-k x factor grid.
 
 A file that cannot be read (corrupt, truncated, not HDF5, no ``/steps``) is
@@ -30,7 +33,14 @@ from collections.abc import Sequence
 
 from dsgd_mpi import atomic
 from dsgd_mpi.analysis.load import LoadError, Run, eval_frame, load_run, steps_frame
-from dsgd_mpi.analysis.plots import plot_consensus, plot_rounds, plot_test_acc
+from dsgd_mpi.analysis.plots import (
+    plot_consensus,
+    plot_control,
+    plot_reliability,
+    plot_rounds,
+    plot_sharpness,
+    plot_test_acc,
+)
 from dsgd_mpi.analysis.tables import (
     config_key,
     grouped_markdown,
@@ -98,6 +108,9 @@ def analyze(runs: Sequence[Run], out: str) -> list[str]:
     written.append(plot_consensus(runs, os.path.join(out, "consensus.png")))
     written.append(plot_test_acc(runs, os.path.join(out, "test_acc.png")))
     written.append(plot_rounds(runs, os.path.join(out, "rounds.png")))
+    written.append(plot_control(runs, os.path.join(out, "control.png")))
+    written.append(plot_sharpness(runs, os.path.join(out, "sharpness.png")))
+    written.append(plot_reliability(runs, os.path.join(out, "reliability.png")))
     return written
 
 

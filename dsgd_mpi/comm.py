@@ -247,31 +247,39 @@ class Reducer:
     (hierarchical or offloaded reductions may sum in different orders), and the
     gossip loop, the stop flag and the targets decide control flow from these
     values: one ulp apart near a target means different round counts and a hang.
-    So the sum is reduced to rank 0 and broadcast, and every rank decides from
-    the same bytes. Two latency-bound calls on a few bytes; no pickling.
+    So every rank's values are gathered (one Allgather of a few bytes, the
+    latency of an Allreduce) and every rank sums them in rank order, the order
+    the simulator sums its replicas in. No pickling.
     """
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
-        self._send = np.zeros(8, dtype=np.float64)
-        self._recv = np.zeros(8, dtype=np.float64)
+        self.size = comm.Get_size()
+        self._send = np.zeros(0, dtype=np.float64)
+        self._all = np.zeros((self.size, 0), dtype=np.float64)
+
+    def _gather(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if v.size != self._send.size:
+            self._send = np.zeros(v.size, dtype=np.float64)
+            self._all = np.zeros((self.size, v.size), dtype=np.float64)
+        self._send[:] = v
+        self.comm.Allgather([self._send, MPI.DOUBLE], [self._all, MPI.DOUBLE])
+        return self._all
 
     def sum(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
-        return self._reduce(values, MPI.SUM)
+        return ordered_sum(self._gather(values))
 
     def max(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
-        return self._reduce(values, MPI.MAX)
+        return self._gather(values).max(axis=0)
 
-    def _reduce(self, values: Sequence[float] | np.ndarray, op: MPI.Op) -> np.ndarray:
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
-        k = v.size
-        if k > self._send.size:
-            self._send = np.zeros(k, dtype=np.float64)
-            self._recv = np.zeros(k, dtype=np.float64)
-        self._send[:k] = v
-        self.comm.Reduce([self._send[:k], MPI.DOUBLE], [self._recv[:k], MPI.DOUBLE], op=op, root=0)
-        self.comm.Bcast([self._recv[:k], MPI.DOUBLE], root=0)
-        return self._recv[:k].copy()
+
+def ordered_sum(rows: np.ndarray) -> np.ndarray:
+    """Rows added one after the other in their order: the same bits wherever it runs."""
+    total = np.array(rows[0], dtype=np.float64)
+    for row in rows[1:]:
+        total += row
+    return total
 
 
 # ----------------------------------------------------------------- faults

@@ -1,37 +1,119 @@
-"""The shipped consensus-control configs are valid and match their generator."""
+"""The shipped consensus-control configs are valid, match their generator, and read
+their references: each is checked against placeholder reference runs made from the
+reference config its header names (no early return when the real runs are absent)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
-from dsgd_mpi.config import ConfigError, load_config
+from dsgd_mpi.config import ConfigError, check_world, load_config, to_yaml
+from dsgd_mpi.control import reference_maxima
+from dsgd_mpi.schedule import phases
 
-CONTROL = Path(__file__).resolve().parent.parent / "configs" / "control"
+ROOT = Path(__file__).resolve().parent.parent
+CONTROL = ROOT / "configs" / "control"
 FILES = sorted(CONTROL.glob("*.yaml"))
 
 
-def test_generator_reproduces_the_committed_files(tmp_path):
+def test_generator_reproduces_the_committed_files():
     before = {p.name: p.read_text() for p in FILES}
     subprocess.run([sys.executable, str(CONTROL / "generate.py")], check=True)
     after = {p.name: p.read_text() for p in sorted(CONTROL.glob("*.yaml"))}
     assert after == before, "configs/control/*.yaml differ from generate.py's output"
-    assert len(FILES) == 27  # (3 dec-phase x 2 factors + 2 guideline + adaptive) x 3 settings
+    # (3 dec-phase x (none + 2 factors) + 2 guideline + adaptive + 1 sketch) x 3 settings
+    assert len(FILES) == 13 * 3
+
+
+def _world_size(path: Path) -> int:
+    return int(re.search(r"_n(\d+)_", path.name).group(1))
+
+
+def _placeholder(path: Path, reference_config: Path, n: int, maxima: dict, measure_ok=True):
+    """A finished run file of ``reference_config`` whose phase k peaks at ``maxima[k]``."""
+    cfg = load_config(str(reference_config), [] if measure_ok else ["consensus.measure=estimate"])
+    spans = phases(cfg)
+    epochs = np.linspace(0.05, cfg.run.epochs, 40)
+    phase = np.array([next(s.index for s in spans if e <= s.end_epoch + 1e-9) for e in epochs])
+    exact = np.array([maxima.get(int(p), 1.0) * (0.5 + 0.5 * (i % 2)) for i, p in
+                      enumerate(phase)])  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"config": to_yaml(cfg), "world_size": n, "topology": "ring"})
+        steps = f.create_group("steps")
+        steps["epoch"], steps["phase"] = epochs, phase
+        steps["consensus_estimate"] = exact * 3
+        nan = np.full_like(exact, np.nan)
+        steps["consensus_measured"] = exact if measure_ok else exact * 3
+        steps["consensus_exact"] = exact if measure_ok else nan
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_control_config_is_valid_up_to_its_reference_run(path, monkeypatch):
-    monkeypatch.chdir(CONTROL.parent.parent)
-    try:
-        cfg = load_config(str(path))
-    except ConfigError as exc:  # the reference run has not been produced on this machine
-        assert exc.key.endswith("reference_run") and "no such file" in str(exc)
+def test_control_config_reads_its_reference_in_the_same_measure(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(path), ["data.download=true"])
+    header = path.read_text().split("\nrun:")[0]
+    named = re.findall(r"configs/control/(\S+)\.yaml", header)
+    assert named[-1] == path.stem, "the header's last command must run this config"
+    n = _world_size(path)
+    controlled = [p for p in cfg.consensus.phases if p.target == "constant"]
+    if not controlled:  # references and adaptive presets need no reference file
+        assert len(named) == 1
+        check_world(cfg, n)
+        assert reference_maxima(cfg, n) == {}
         return
-    targets = [p.target for p in cfg.consensus.phases]
-    assert len(targets) == 3
-    if "adaptive" in targets:
-        assert targets == ["adaptive"] * 3
-    else:
-        controlled = [p for p in cfg.consensus.phases if p.target == "constant"]
-        assert len(controlled) == 1 and controlled[0].reference_run is not None
+    reference = CONTROL / f"{named[0]}.yaml"
+    assert reference.exists() and cfg.consensus.measure in ("exact", "sketch")
+    maxima = {k: 10.0 ** -(k + 2) for k in range(3)}
+    for p in controlled:
+        _placeholder(tmp_path / p.reference_run, reference, n, maxima)
+    check_world(cfg, n)
+    got = reference_maxima(cfg, n)
+    for k, p in enumerate(cfg.consensus.phases):
+        if p.target == "constant":
+            assert got[k] == pytest.approx(maxima[k]), "not the phase's maximum of Xi^2"
+
+
+def test_an_estimate_only_reference_is_refused_for_an_exact_target(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = CONTROL / "fmnist_ring_n16_dec-phase-1_f0.25.yaml"
+    cfg = load_config(str(path), ["data.download=true"])
+    reference = CONTROL / "fmnist_ring_n16_dec-phase-1_none.yaml"
+    _placeholder(tmp_path / cfg.consensus.phases[0].reference_run, reference, 16, {0: 1e-3},
+                 measure_ok=False)  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        reference_maxima(cfg, 16)
+    assert info.value.key == "consensus.phases.0.reference_run"
+    assert "make the reference run first" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (["run.epochs=3"], "run.epochs"),
+        (["optim.milestones=[0.4,0.8]"], "optim.milestones"),
+        (["data.batch_size=64"], "data.batch_size"),
+        (["topology.name=torus"], "topology.name"),
+        (["consensus.phases.0.until_epoch=0.5", "consensus.phases.1.until_epoch=1.5"],
+         "phase layout"),
+    ],
+)
+def test_a_reference_of_another_recipe_is_refused(tmp_path, monkeypatch, change, words):
+    monkeypatch.chdir(tmp_path)
+    path = CONTROL / "fmnist_ring_n16_dec-phase-1_f0.25.yaml"
+    cfg = load_config(str(path), ["data.download=true"])
+    other = tmp_path / "other.yaml"
+    base = load_config(str(CONTROL / "fmnist_ring_n16_dec-phase-1_none.yaml"), change)
+    other.write_text(to_yaml(base))
+    _placeholder(tmp_path / cfg.consensus.phases[0].reference_run, other, 16, {0: 1e-3})
+    with pytest.raises(ConfigError) as info:
+        reference_maxima(cfg, 16)
+    assert info.value.key == "consensus.phases.0.reference_run" and words in str(info.value)
+    with pytest.raises(ConfigError, match="world_size"):
+        _placeholder(tmp_path / cfg.consensus.phases[0].reference_run,
+                     CONTROL / "fmnist_ring_n16_dec-phase-1_none.yaml", 8, {0: 1e-3})  # fmt: skip
+        reference_maxima(cfg, 16)

@@ -92,11 +92,16 @@ def test_singleton_fallback_exits_2_naming_what_the_launcher_said(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def _reference_file(path, world_size: int) -> None:
+def _reference_file(path, world_size: int, cfg: dict) -> None:
+    """An uncontrolled run of the same recipe, as reference_run needs it."""
+    from dsgd_mpi.config import from_yaml, to_yaml
+
     with h5py.File(path, "w") as f:
         f.attrs["topology"], f.attrs["world_size"] = "ring", world_size
+        f.attrs["config"] = to_yaml(from_yaml(yaml.safe_dump(cfg)))
         steps = f.create_group("steps")
         steps["epoch"] = np.linspace(0.1, 1.0, 10)
+        steps["phase"] = np.zeros(10, dtype=np.int64)
         steps["consensus_estimate"] = np.full(10, 1e-3)
 
 
@@ -105,10 +110,10 @@ def test_a_file_only_rank_0_sees_is_validated_once_and_the_run_works(tmp_path):
     """Rank 1 cannot see the reference run (another node): only rank 0 checks files."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _reference_file(tmp_path / "a" / "ref.h5", 2)
     phases = [{"target": "constant", "factor": 0.5, "reference_run": "ref.h5", "max_rounds": 3}]
     cfg = {**TINY, "run": {**TINY["run"], "out_dir": str(tmp_path / "runs")},
            "consensus": {"phases": phases}}  # fmt: skip
+    _reference_file(tmp_path / "a" / "ref.h5", 2, {**cfg, "consensus": {}})
     path = _write(tmp_path, cfg)
     args = ["-m", "dsgd_mpi.run", path]
     done = finish(start_mpmd([(str(tmp_path / "a"), args), (str(tmp_path / "b"), args)]), 180)

@@ -96,10 +96,7 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
         ra, rb = a["replica"], b["replica"]
         for key in ra["model"]:
             assert torch.equal(ra["model"][key], rb["model"][key]), key
-        for pa, pb in zip(
-            ra["optimizer"]["state"].values(), rb["optimizer"]["state"].values(), strict=True
-        ):
-            assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+        assert torch.equal(ra["optimizer"]["momentum_buffer"], rb["optimizer"]["momentum_buffer"])
         assert a["gossip_t"] == b["gossip_t"] > 48  # several rounds per step were needed
 
     ref, got = _rows(str(tmp_path / "whole" / "r.h5")), _rows(h5)

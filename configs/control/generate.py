@@ -2,14 +2,19 @@
 
     python configs/control/generate.py      # rewrites configs/control/*.yaml
 
-Variants per (dataset, world size):
-  dec-phase-K_fF   decentralized with the consensus distance held at F x the
-                   uncontrolled ring's maximum in phase K; exact averaging elsewhere
-  guideline_fF     control phase 1 to F x the uncontrolled maximum; later phases uncontrolled
-  adaptive         target = factor * lr^2 * EMA(||g||^2) in every phase
-Phases are the intervals between the learning-rate decays. The reference is the
-uncontrolled run of the same topology and world size, which must exist first:
-the `reference` line in each file's header says how to produce it.
+Kong et al. control the consensus distance Xi^2 itself, so every preset uses
+``consensus.measure: exact`` (one ``_sketch`` variant shows the sketched
+measure). Variants per (dataset, world size), phases = the intervals between
+the learning-rate decays:
+
+  dec-phase-K_none  decentralized (uncontrolled ring) in phase K, all-reduce
+                    elsewhere: the reference of phase K, run it first
+  dec-phase-K_fF    phase K held at F x the maximum Xi^2 of dec-phase-K_none's
+                    phase K (so phase K starts from consensus, as in the paper)
+  guideline_fF      phase 1 held at F x dec-phase-1_none's maximum; the later
+                    phases uncontrolled (the paper's practical guideline)
+  adaptive          target = factor * lr^2 * EMA(||g||^2) in every phase
+Each file's header names the reference run to produce first.
 """
 
 from pathlib import Path
@@ -17,52 +22,44 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
 
 BASES = {
     # name: (base config, epochs, milestones, world sizes, max_rounds, optim overrides)
     "cifar10": ("configs/cifar10_resnet20_ring.yaml", 300, (0.5, 0.75), (16, 32), 30, {}),
     # 16 ranks x 32 = 512 samples per step: the quickstart's lr scaled to 0.4 with no
     # warmup diverged on the ring (loss 9.9 after 50 steps); halve and warm up.
-    "fmnist": (
-        "configs/quickstart.yaml",
-        2,
-        (0.5, 0.75),
-        (16,),
-        30,
-        {"lr": 0.05, "warmup_epochs": 0.5},
-    ),
+    "fmnist": ("configs/quickstart.yaml", 2, (0.5, 0.75), (16,), 30,
+               {"lr": 0.05, "warmup_epochs": 0.5}),  # fmt: skip
 }
+FACTORS = (0.5, 0.25)
 
 
-def phase_ends(epochs, milestones):
-    return [m * epochs for m in milestones] + [None]
+def controlled(factor: float, reference: str, max_rounds: int) -> dict:
+    return {"target": "constant", "factor": factor, "reference_run": reference,
+            "max_rounds": max_rounds}  # fmt: skip
 
 
-def variants(epochs, milestones, reference, max_rounds):
-    ends = phase_ends(epochs, milestones)
+def variants(prefix: str, max_rounds: int):
+    """(variant, phases, reference config name or None) of one (dataset, world size)."""
+    def exact() -> dict:
+        return {"target": "exact"}
+
+    def free() -> dict:
+        return {"target": "none"}
+
     for k in (1, 2, 3):
-        for factor in (0.5, 0.25):
-            phases = [
-                {"until_epoch": end, "target": "exact"} if i + 1 != k else
-                {"until_epoch": end, "target": "constant", "factor": factor,
-                 "reference_run": reference, "max_rounds": max_rounds}
-                for i, end in enumerate(ends)
-            ]  # fmt: skip
-            yield f"dec-phase-{k}_f{factor}", phases
-    for factor in (0.5, 0.25):
-        first = {"until_epoch": ends[0], "target": "constant", "factor": factor,
-                 "reference_run": reference, "max_rounds": max_rounds}  # fmt: skip
-        yield (
-            f"guideline_f{factor}",
-            [first] + [{"until_epoch": e, "target": "none"} for e in ends[1:]],
-        )
-    yield (
-        "adaptive",
-        [
-            {"until_epoch": e, "target": "adaptive", "factor": 1.0, "max_rounds": max_rounds}
-            for e in ends
-        ],
-    )
+        none = f"{prefix}_dec-phase-{k}_none"
+        yield f"dec-phase-{k}_none", [free() if i == k else exact() for i in (1, 2, 3)], None
+        for f in FACTORS:
+            ctl = controlled(f, f"runs/{none}.h5", max_rounds)
+            yield f"dec-phase-{k}_f{f}", [ctl if i == k else exact() for i in (1, 2, 3)], none
+    phase1 = f"{prefix}_dec-phase-1_none"
+    for f in FACTORS:
+        yield f"guideline_f{f}", [controlled(f, f"runs/{phase1}.h5", max_rounds), free(),
+                                  free()], phase1  # fmt: skip
+    adaptive = {"target": "adaptive", "factor": 1.0, "max_rounds": max_rounds}
+    yield "adaptive", [dict(adaptive) for _ in range(3)], None
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -72,36 +69,45 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def launch(n: int, config: str) -> str:
+    return f"mpirun -n {n} python -m mpi4py -m dsgd_mpi.run {config}"
+
+
+def write(name: str, n: int, base: str, body: dict, variant: str, reference: str | None) -> None:
+    full = merge(yaml.safe_load((ROOT / base).read_text()), body)
+    measure = body["consensus"]["measure"]
+    header = (
+        f"# {variant}: {name.split('_')[0]}, ring of {n} ranks, consensus measure {measure}.\n"
+        f"# Generated by configs/control/generate.py from {base}; edit that script.\n"
+    )
+    if reference:
+        header += (
+            "# First the uncontrolled reference run (this layout, phase free, exact measure):\n"
+            f"#   {launch(n, f'configs/control/{reference}.yaml')}\n# then this one:\n"
+        )
+    header += f"#   {launch(n, f'configs/control/{name}.yaml')}\n"
+    (HERE / f"{name}.yaml").write_text(header + yaml.safe_dump(full, sort_keys=False))
+
+
 def main() -> None:
+    for old in HERE.glob("*.yaml"):
+        old.unlink()
     for dataset, (base, epochs, milestones, sizes, max_rounds, optim) in BASES.items():
         for n in sizes:
-            ref_name = f"{dataset}_ring_n{n}_uncontrolled"
-            reference = f"runs/{ref_name}.h5"
-            for variant, phases in variants(epochs, milestones, reference, max_rounds):
-                name = f"{dataset}_ring_n{n}_{variant}"
+            prefix = f"{dataset}_ring_n{n}"
+            for variant, phases, reference in variants(prefix, max_rounds):
+                name = f"{prefix}_{variant}"
                 body = {
                     "run": {"name": name, "epochs": epochs},
                     "optim": {"milestones": list(milestones), **optim},
                     "topology": {"name": "ring"},
-                    "consensus": {"phases": phases},
-                    "metrics": {"exact_every": 50},
+                    "consensus": {"measure": "exact", "phases": phases},
                 }
-                root = HERE.parent.parent
-                full = merge(yaml.safe_load((root / base).read_text()), body)
-                header = (
-                    f"# {variant}: {dataset}, ring of {n} ranks. Generated by generate.py from\n"
-                    f"# {base}; edit that script, not this file.\n"
-                    f"# First the uncontrolled reference run (same topology and world size):\n"
-                    f"#   mpirun -n {n} python -m mpi4py -m dsgd_mpi.run {base} \\\n"
-                    f"#       run.name={ref_name} run.epochs={epochs} metrics.exact_every=50"
-                    + "".join(f" optim.{k}={v}" for k, v in optim.items())
-                    + "\n"
-                    f"# then this one:\n"
-                    f"#   mpirun -n {n} python -m mpi4py -m dsgd_mpi.run "
-                    f"configs/control/{name}.yaml\n"
-                )
-                text = header + yaml.safe_dump(full, sort_keys=False)
-                (HERE / f"{name}.yaml").write_text(text)
+                write(name, n, base, body, variant, reference)
+                if variant == "dec-phase-1_f0.25":  # the same control, sketched
+                    sketch = merge(body, {"run": {"name": f"{name}_sketch"},
+                                          "consensus": {"measure": "sketch"}})  # fmt: skip
+                    write(f"{name}_sketch", n, base, sketch, variant, reference)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
@@ -55,6 +55,8 @@ class Run:
     """One row per evaluation; at least the ``EVAL_FIELDS`` columns."""
     ranks: pd.DataFrame | None
     """Per-rank arrays in long form (columns row, rank, <field>...), or None."""
+    eval_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """2-D ``/eval`` fields (evaluation x bin): the reliability diagrams."""
 
     @property
     def world_size(self) -> int | None:
@@ -110,14 +112,20 @@ def _read(path: str) -> Run:
             raise LoadError(path, "no /steps group (not a dsgd_mpi run file?)")
         attrs = {key: _py(value) for key, value in f.attrs.items()}
         steps = _table(f["steps"], STEP_FIELDS)
-        evals = _table(f["eval"] if isinstance(f.get("eval"), h5py.Group) else None, EVAL_FIELDS)
+        group = f["eval"] if isinstance(f.get("eval"), h5py.Group) else None
+        evals = _table(group, EVAL_FIELDS)
+        arrays = {} if group is None else {
+            k: d[()] for k, d in group.items() if isinstance(d, h5py.Dataset) and d.ndim == 2
+        }  # fmt: skip
         ranks = _ranks(f["ranks"]) if isinstance(f.get("ranks"), h5py.Group) else None
     config = _config(attrs.get("config"))
     run_section = config.get("run") if isinstance(config.get("run"), dict) else {}
     name = run_section.get("name")
     if name is None or str(name) == "":
         name = os.path.splitext(os.path.basename(path))[0]
-    return Run(path, str(name), attrs, config, steps, evals, ranks)
+    rows = len(evals)
+    arrays = {k: v[:rows] for k, v in arrays.items()}
+    return Run(path, str(name), attrs, config, steps, evals, ranks, arrays)
 
 
 def _table(group: h5py.Group | None, fields: tuple[str, ...]) -> pd.DataFrame:

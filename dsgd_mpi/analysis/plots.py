@@ -88,11 +88,20 @@ def _shade_phases(ax, run: Run) -> None:
             )  # fmt: skip
 
 
+def measure_of(run: Run) -> str:
+    """The run's consensus.measure (estimate for files older than the key)."""
+    consensus = run.config.get("consensus")
+    return str(consensus.get("measure", "estimate")) if isinstance(consensus, dict) else "estimate"
+
+
 def _consensus_lines(ax, run: Run, label: str = "", color: str | None = None) -> list:
     step = _col(run, "step")
     est, exact, target = (_col(run, c) for c in ("consensus_estimate", "consensus_exact", "target"))
     prefix = f"{label}: " if label else ""
     ax.plot(step, est, color=color, lw=1.2, label=f"{prefix}estimate e²")
+    if measure_of(run) == "sketch":
+        ax.plot(step, _col(run, "consensus_measured"), ":", color=color, lw=1.2,
+                label=f"{prefix}sketched Ξ²")  # fmt: skip
     m = np.isfinite(exact)
     if m.any():
         ax.plot(step[m], exact[m], "o", color=color, ms=3, label=f"{prefix}exact Ξ²")
@@ -152,4 +161,82 @@ def plot_rounds(runs: Sequence[Run], path: str) -> str:
     ax.set_ylabel("gossip rounds (logged step)")
     ax.grid(alpha=0.3)
     _legend(ax, runs, "gossip rounds per step", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_control(runs: Sequence[Run], path: str) -> str:
+    """Measured consensus distance / target on every controlled logged step, by phase.
+
+    At or below 1 the control held; above 1 the step spent its ``max_rounds``.
+    Runs without a finite positive target are left out (nothing to hold).
+    """
+    fig, (ax,) = _figure(1, width=8, height=4.5)
+    shown = 0
+    for i, (run, name) in enumerate(zip(runs, labels(runs), strict=True)):
+        step, target = _col(run, "step"), _col(run, "target")
+        measured = _col(run, "consensus_measured")
+        ok = np.isfinite(target) & (target > 0) & np.isfinite(measured)
+        if not ok.any():
+            continue
+        shown += 1
+        ratio = measured[ok] / target[ok]
+        phase = _col(run, "phase")[ok]
+        for k, p in enumerate(np.unique(phase)):
+            sel = phase == p
+            ax.plot(step[ok][sel], ratio[sel], ".", ms=3, color=f"C{i % 10}",
+                    label=f"{name} ({measure_of(run)})" if k == 0 else None)  # fmt: skip
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("measured / target")
+    if shown:
+        _legend(ax, runs[:shown], "consensus control: measured distance over its target",
+                fontsize=7)  # fmt: skip
+    else:
+        ax.set_title("no controlled phase in these runs")
+    return _save(fig, path)
+
+
+def plot_sharpness(runs: Sequence[Run], path: str) -> str:
+    """lambda_max and the Hessian trace of x̄ at each evaluation that measured them."""
+    fig, axes = _figure(2, width=5.5)
+    for run, name in zip(runs, labels(runs), strict=True):
+        ev = run.eval
+        epoch = ev["epoch"].to_numpy(float)
+        for ax, col in zip(axes, ("sharpness_lambda_max", "sharpness_trace"), strict=True):
+            values = ev[col].to_numpy(float)
+            m = np.isfinite(values)
+            if m.any():
+                ax.plot(epoch[m], values[m], "o-", ms=3, label=name)
+    for ax, title in zip(axes, ("λ_max of x̄", "trace of the Hessian at x̄"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    if len(runs) <= MAX_LEGEND:
+        axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_reliability(runs: Sequence[Run], path: str) -> str:
+    """Reliability diagrams of the last evaluation: x̄ against the ensemble of local models."""
+    with_bins = [r for r in runs if "test_bin_accuracy" in r.eval_arrays
+                 and len(r.eval_arrays["test_bin_accuracy"])]  # fmt: skip
+    shown = with_bins[:MAX_SUBPLOTS]
+    fig, axes = _figure(max(1, len(shown)), width=4.2, height=4.0)
+    for ax, run, name in zip(axes, shown, labels(shown), strict=False):
+        edges = np.linspace(0, 1, run.eval_arrays["test_bin_accuracy"].shape[1] + 1)
+        centers = (edges[:-1] + edges[1:]) / 2
+        ev = run.eval
+        for who, label, color in (("test", "x̄", "C0"), ("ensemble", "ensemble", "C1")):
+            acc = run.eval_arrays[f"{who}_bin_accuracy"][-1]
+            m = np.isfinite(acc)
+            ece = float(ev[f"{who}_ece"].iloc[-1]) if f"{who}_ece" in ev else math.nan
+            ax.plot(centers[m], acc[m], "o-", ms=3, color=color, label=f"{label} (ECE {ece:.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    if not shown:
+        axes[0].set_title("no reliability bins in these runs")
     return _save(fig, path)

@@ -1,10 +1,10 @@
 """Summary tables of runs: one row per run, per seed group, and the Kong phase x factor grid.
 
-Logged rows are a sample: the trainer writes one row every ``metrics.log_every``
-steps, and ``gossip_rounds``, ``bytes_sent`` and the ``time_*`` columns of a row
-are those of that one step. Sums over the rows are therefore proxies that
-scale with ``1 / log_every``; ``rounds_per_logged_step`` is the comparable
-figure across runs.
+The whole run's communication cost comes from the running totals of the last
+logged row (``gossip_rounds_total``, ``bytes_sent_total``). Files written before
+the totals existed only have the logged steps' own values; their sums are then
+proxies that scale with ``1 / log_every`` (``rounds_per_logged_step`` is the
+comparable figure across runs).
 """
 
 from __future__ import annotations
@@ -46,13 +46,37 @@ def run_summary(run: Run) -> dict[str, Any]:
         "epochs": float(steps["epoch"].iloc[-1]) if len(steps) else 0.0,
         "final_test_acc": float(acc.iloc[-1]) if len(acc) else math.nan,
         "best_test_acc": float(acc.max()) if len(acc) else math.nan,
+        "gossip_rounds_total": _total(steps, "gossip_rounds"),
+        "bytes_sent_total": _total(steps, "bytes_sent"),
         "gossip_rounds_sum": int(np.nansum(steps["gossip_rounds"])) if len(steps) else 0,
         "rounds_per_logged_step": float(steps["gossip_rounds"].mean()) if len(steps) else math.nan,
         "bytes_sent_sum": int(np.nansum(steps["bytes_sent"])) if len(steps) else 0,
         "time_logged_s": float(np.nansum(times.to_numpy())),
         "wall_s": _wall_seconds(run.attrs),
         "finished": run.finished,
+        **_last(evals, ("test_nll", "test_ece", "ensemble_acc", "ensemble_nll", "ensemble_ece")),
+        **_last(evals, ("sharpness_lambda_max", "sharpness_trace"), measured=True),
     }
+
+
+def _total(steps: pd.DataFrame, name: str) -> float:
+    """The whole run's total of a per-step count (NaN for files without totals)."""
+    column = f"{name}_total"
+    if not len(steps) or column not in steps:
+        return math.nan
+    value = float(pd.to_numeric(steps[column], errors="coerce").iloc[-1])
+    return value if value >= 0 else math.nan
+
+
+def _last(evals: pd.DataFrame, names: Sequence[str], measured: bool = False) -> dict:
+    """The last evaluation's value of each field; ``measured``: the last one not NaN."""
+    out = {}
+    for name in names:
+        values = pd.to_numeric(evals[name], errors="coerce") if name in evals else pd.Series([])
+        if measured:
+            values = values.dropna()
+        out[f"final_{name}"] = float(values.iloc[-1]) if len(values) else math.nan
+    return out
 
 
 def summary_table(runs: Sequence[Run]) -> pd.DataFrame:
@@ -183,9 +207,14 @@ def summary_markdown(table: pd.DataFrame) -> str:
             "steps": table["steps"],
             "final acc %": 100 * table["final_test_acc"],
             "best acc %": 100 * table["best_test_acc"],
-            "rounds (logged sum)": table["gossip_rounds_sum"],
+            "rounds": table["gossip_rounds_total"],
             "rounds / logged step": table["rounds_per_logged_step"],
-            "MB sent (logged sum)": table["bytes_sent_sum"] / 1e6,
+            "MB sent": table["bytes_sent_total"] / 1e6,
+            "ECE x̄": table["final_test_ece"],
+            "ensemble acc %": 100 * table["final_ensemble_acc"],
+            "ECE ens.": table["final_ensemble_ece"],
+            "λ_max": table["final_sharpness_lambda_max"],
+            "trace": table["final_sharpness_trace"],
             "time logged s": table["time_logged_s"],
             "wall s": table["wall_s"],
             "finished": table["finished"],

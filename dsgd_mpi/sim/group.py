@@ -32,7 +32,12 @@ class SimGroup:
         self.root = True
 
     def sum(self, rows: np.ndarray) -> np.ndarray:
-        return np.atleast_2d(np.asarray(rows, dtype=np.float64)).sum(axis=0)
+        # Row by row in replica order: the order MPI ranks sum their gathered values in.
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+        total = rows[0].copy()
+        for row in rows[1:]:
+            total += row
+        return total
 
     def max(self, rows: np.ndarray) -> np.ndarray:
         return np.atleast_2d(np.asarray(rows, dtype=np.float64)).max(axis=0)

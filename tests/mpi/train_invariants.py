@@ -39,7 +39,7 @@ trainer.replicas.start(0)
 for step in range(5):
     before = gathered()
     lr = 0.0 if mode == "ring_lr0" else 0.05
-    trainer.replicas.gradients()
+    trainer.replicas.gradients(step)
     trainer.replicas.apply(lr)
     trainer.communicate(phase, trainer.policy.target(phase, lr))
     after = gathered()

@@ -1,4 +1,4 @@
-"""Performance figures, each measured beside its baseline in the same run.
+"""MPI benchmarks (``python -m dsgd_mpi.bench gossip|step``), each beside its baseline.
 
     mpiexec -n 4 python -m mpi4py -m dsgd_mpi.bench gossip --topology ring --numel 270000 --json
 
@@ -24,7 +24,6 @@ D-SGD step spent communicating and the C-SGD / D-SGD step-time ratio.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -40,11 +39,10 @@ from dsgd_mpi.consensus import MEASURES, Consensus, Measure
 from dsgd_mpi.flat import allocate, flatten
 from dsgd_mpi.gossip import Gossiper
 from dsgd_mpi.launch import threads_for
-from dsgd_mpi.mixing import DEFAULT_CHUNK
 from dsgd_mpi.ranks import MpiGroup
 from dsgd_mpi.replica import Buffers
 from dsgd_mpi.schedule import PhaseSpan
-from dsgd_mpi.topology import NAMES, Topology, TopologyError
+from dsgd_mpi.topology import Topology, TopologyError
 
 
 def _bare_round(comm, topology: Topology, t: int, x, recv) -> None:
@@ -64,6 +62,8 @@ def _timed(comm, reducer: mpi.Reducer, fn, rounds: int) -> float:
     start = time.perf_counter()
     for _ in range(rounds):
         fn()
+    if torch.cuda.is_available():  # device work must be done before the clock stops
+        torch.cuda.synchronize()
     return float(reducer.max([(time.perf_counter() - start) / rounds])[0])
 
 
@@ -167,22 +167,27 @@ MODEL_INPUTS = {"small_cnn": (1, 28), "mlp": (1, 28), "resnet20": (3, 32)}
 
 
 def bench_step(
-    comm, topology: Topology, model_name: str, batch: int, steps: int, blocks: int
-) -> dict:
+    comm, topology: Topology, model_name: str, batch: int, steps: int, blocks: int,
+    device: torch.device | None = None,
+) -> dict:  # fmt: skip
     from dsgd_mpi.models import build_model  # torchvision import: only for this benchmark
 
     rank, n = comm.Get_rank(), comm.Get_size()
     channels, size = MODEL_INPUTS[model_name]
     torch.manual_seed(0)
+    device = device or torch.device("cpu")
     model = build_model(model_name, num_classes=10, in_channels=channels, width=1,
-                        image_size=size)  # fmt: skip
+                        image_size=size).to(device)  # fmt: skip
     flat, _ = flatten(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
-    images = torch.randn(batch, channels, size, size, generator=g)
-    labels = torch.randint(0, 10, (batch,), generator=g)
-    gossiper = Gossiper(comm, topology, flat, port=_HOST)
-    averager = Gossiper(comm, Topology("complete", n), flat, port=_HOST)
+    images = torch.randn(batch, channels, size, size, generator=g).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=g).to(device)
+    port = _HOST
+    if device.type != "cpu":
+        port = mpi.TensorPort(device, staged=not mpi.cuda_aware()[0])
+    gossiper = Gossiper(comm, topology, flat, port=port)
+    averager = Gossiper(comm, Topology("complete", n), flat, port=port)
     reducer = mpi.Reducer(comm)
 
     def update() -> None:
@@ -222,35 +227,14 @@ def bench_step(
         "dsgd_comm_share": max(0.0, dsgd_s - update_s) / dsgd_s,
         "csgd_over_dsgd": csgd_s / dsgd_s,
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_buffers": "host" if device.type == "cpu" else
+                          ("staged" if port.staged else "direct"),  # fmt: skip
         "mpi": mpi.library_version(),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dsgd_mpi.bench", description=__doc__.splitlines()[0]
-    )
-    sub = parser.add_subparsers(dest="what", required=True)
-    g = sub.add_parser("gossip", help="Gossiper round vs bare Sendrecv of the same bytes")
-    g.add_argument("--topology", default="ring", help=f"one of {', '.join(NAMES)}")
-    g.add_argument("--numel", type=int, default=270_000, help="floats in the buffer")
-    g.add_argument("--rounds", type=int, default=0, help="rounds per block (0: auto from numel)")
-    g.add_argument("--blocks", type=int, default=7)
-    g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="floats per chunk")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--json", action="store_true", help="print one JSON object")
-    st = sub.add_parser("step", help="training step: update alone, + gossip (D-SGD), + all-reduce")
-    st.add_argument("--model", default="small_cnn", choices=sorted(MODEL_INPUTS))
-    st.add_argument("--batch", type=int, default=32, help="samples per rank")
-    st.add_argument("--topology", default="ring", help=f"one of {', '.join(NAMES)}")
-    st.add_argument("--steps", type=int, default=10, help="steps per block")
-    st.add_argument("--blocks", type=int, default=5)
-    st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    if args.what == "step":
-        return _main_step(args)
-
+def run_gossip(args) -> int:
     comm = mpi.WORLD
     if args.numel <= 0:
         return _fail(comm, f"--numel must be positive, got {args.numel}")
@@ -267,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_step(args: argparse.Namespace) -> int:
+def run_step(args) -> int:
     comm = mpi.WORLD
     for name in ("batch", "steps", "blocks"):
         if getattr(args, name) <= 0:
@@ -277,7 +261,12 @@ def _main_step(args: argparse.Namespace) -> int:
     except TopologyError as exc:
         return _fail(comm, str(exc))
     torch.set_num_threads(threads_for(os.environ, mpi.node_affinities(comm))[0])
-    result = bench_step(comm, topology, args.model, args.batch, args.steps, args.blocks)
+    local_rank, _ = mpi.node_local(comm)
+    gpus = torch.cuda.device_count()
+    device = torch.device(f"cuda:{local_rank % gpus}") if gpus else torch.device("cpu")
+    if gpus:
+        torch.cuda.set_device(device)
+    result = bench_step(comm, topology, args.model, args.batch, args.steps, args.blocks, device)
     _report(comm, result, args.json)
     return 0
 
@@ -296,6 +285,3 @@ def _fail(comm, message: str) -> int:
         print(f"dsgd_mpi.bench: {message}", file=sys.stderr)
     return 2
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The one-process simulation against real MPI ranks, itself, and plain SGD.
+
+The reference mode must reproduce a 4-rank MPI run bit for bit in everything
+computed locally (parameters, losses, rounds); values that pass through an MPI
+reduction (estimates, exact distance, an all-reduce average) within float
+tolerance. The fast mode must agree with the reference mode to float tolerance.
+"""
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dsgd_mpi import checkpoint
+from dsgd_mpi.config import load_config
+from dsgd_mpi.sim.__main__ import main as sim_main
+from tests.mpi_util import check_ranks
+
+STEPS = 30
+BASE = {
+    "run": {"steps": STEPS, "seed": 7},
+    "data": {"name": "synthetic", "synthetic_size": 1024, "batch_size": 16},  # 16 steps/epoch
+    "model": {"name": "small_cnn"},
+    "optim": {"lr": 0.05, "base_batch": 64, "milestones": [0.5]},
+    "metrics": {"log_every": 1, "exact_every": 1, "eval_every": 1, "flush_every": 10},
+    "checkpoint": {"every": STEPS},
+}
+#: ring with a controlled phase that needs repeated rounds; random matching with
+#: plain gossip, then an exact (all-reduce) phase for the last steps.
+CASES = {
+    "ring": {"topology": {"name": "ring"}, "consensus": {"measure": "exact", "phases": [
+        {"target": "constant", "reference": 1e-4, "max_rounds": 3}]}},
+    "matching": {"topology": {"name": "random_matching", "seed": 3}, "consensus": {"phases": [
+        {"target": "none", "until_epoch": 1.5}, {"target": "exact"}]}},
+}  # fmt: skip
+
+
+def _write(folder, name: str, body: dict) -> str:
+    cfg = yaml.safe_load(yaml.safe_dump(BASE))
+    for key, value in body.items():
+        cfg.setdefault(key, {}).update(value)
+    cfg["run"].update(name=name, out_dir=str(folder))
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _states(folder, name: str, n: int = 4) -> list[dict]:
+    directory = str(folder / name / "ckpt")
+    return [checkpoint.load(directory, STEPS, r)["replica"] for r in range(n)]
+
+
+def _rows(folder, name: str, group: str = "steps") -> dict[str, np.ndarray]:
+    with h5py.File(folder / f"{name}.h5", "r", locking=False) as f:
+        return {k: v[()] for k, v in f[group].items()}
+
+
+@pytest.fixture(scope="module")
+def mpi_and_sim(tmp_path_factory):
+    """Each case run by 4 MPI ranks (one job) and by the reference and fast simulations."""
+    mpi, ref, fast = (tmp_path_factory.mktemp(k) for k in ("mpi", "ref", "fast"))
+    plan = mpi / "plan.txt"
+    plan.write_text("".join(f"{_write(mpi, k, v)}\n" for k, v in CASES.items()))
+    check_ranks(4, ["-m", "dsgd_mpi.study", str(plan)], timeout=280)
+    for folder, mode in ((ref, "reference"), (fast, "fast")):
+        for name, body in CASES.items():
+            assert sim_main([_write(folder, name, body), "--workers", "4", "--mode", mode]) == 0
+    return mpi, ref, fast
+
+
+@pytest.mark.mpi
+def test_reference_simulation_is_the_mpi_run_bit_for_bit(mpi_and_sim):
+    mpi, ref, _ = mpi_and_sim
+    for a, b in zip(_states(mpi, "ring"), _states(ref, "ring"), strict=True):
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), f"ring: {key} differs"
+        assert torch.equal(a["optimizer"]["momentum_buffer"], b["optimizer"]["momentum_buffer"])
+    m, r = _rows(mpi, "ring"), _rows(ref, "ring")
+    for field in ("step", "train_loss", "train_acc", "gossip_rounds", "lr", "phase", "bytes_sent"):
+        np.testing.assert_array_equal(m[field], r[field], err_msg=field)
+    assert m["gossip_rounds"].max() > 1  # the control repeated rounds
+    for field in ("consensus_estimate", "consensus_measured", "consensus_exact"):
+        np.testing.assert_allclose(m[field], r[field], rtol=1e-6, err_msg=field)
+    me, re_ = _rows(mpi, "ring", "eval"), _rows(ref, "ring", "eval")
+    for field in ("test_acc", "local_acc_min", "local_acc_max", "ensemble_acc"):
+        np.testing.assert_allclose(me[field], re_[field], rtol=1e-6, err_msg=field)
+
+
+@pytest.mark.mpi
+def test_reference_simulation_with_an_exact_phase(mpi_and_sim):
+    """Bit for bit until the all-reduce phase; after it, to float rounding (MPI's sum order)."""
+    mpi, ref, _ = mpi_and_sim
+    m, r = _rows(mpi, "matching"), _rows(ref, "matching")
+    free = m["phase"] == 0
+    assert free.any() and (~free).any()
+    np.testing.assert_array_equal(m["train_loss"][free], r["train_loss"][free])
+    np.testing.assert_allclose(m["train_loss"], r["train_loss"], rtol=1e-5)
+    assert (r["consensus_exact"][~free] == 0).all()
+    for a, b in zip(_states(mpi, "matching"), _states(ref, "matching"), strict=True):
+        for key, value in a["model"].items():
+            np.testing.assert_allclose(value.numpy(), b["model"][key].numpy(), rtol=1e-4,
+                                       atol=1e-6, err_msg=key)  # fmt: skip
+
+
+@pytest.mark.mpi
+def test_fast_simulation_agrees_with_the_reference_to_float_tolerance(mpi_and_sim):
+    _, ref, fast = mpi_and_sim
+    for name in CASES:
+        for a, b in zip(_states(ref, name), _states(fast, name), strict=True):
+            for key, value in a["model"].items():
+                np.testing.assert_allclose(value.numpy(), b["model"][key].numpy(), rtol=1e-3,
+                                           atol=1e-5, err_msg=f"{name}: {key}")  # fmt: skip
+        r, f = _rows(ref, name), _rows(fast, name)
+        np.testing.assert_array_equal(r["step"], f["step"])
+        np.testing.assert_allclose(r["train_loss"], f["train_loss"], rtol=1e-4)
+    with h5py.File(fast / "ring.h5", "r", locking=False) as f:
+        assert f.attrs["backend"] == "sim" and f.attrs["sim_mode"] == "fast"
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_gossip_at_lr_0_preserves_the_mean_and_pulls_replicas_together(tmp_path, mode):
+    from dsgd_mpi import assemble
+    from dsgd_mpi.consensus import Consensus
+    from dsgd_mpi.data import load
+    from dsgd_mpi.schedule import phases
+    from dsgd_mpi.sim.fast import make_fast_replicas
+    from dsgd_mpi.sim.group import SimGroup
+    from dsgd_mpi.topology import Topology
+
+    cfg = load_config(_write(tmp_path, "lr0", CASES["matching"]))
+    train = load("synthetic", "", train=True, synthetic_size=1024, seed=7)
+    make = assemble.make_replicas if mode == "reference" else make_fast_replicas
+    replicas = make(cfg, range(5), 5, train, torch.device("cpu"))
+    stack = getattr(replicas, "stack", None)
+    group = SimGroup(5, stack=stack)
+    for i, flat in enumerate(replicas.flats):
+        flat.add_(torch.randn(flat.shape, generator=torch.Generator().manual_seed(i)))
+    consensus = Consensus(group, replicas, Topology("random_matching", 5, seed=3))
+    replicas.start(0)
+    for step in range(8):
+        before = torch.stack(replicas.flats).clone()
+        replicas.gradients(step)
+        replicas.apply(0.0)
+        consensus.communicate(phases(cfg)[0], target=0.0, step=step)
+        after = torch.stack(replicas.flats)
+        assert torch.allclose(after.mean(0), before.mean(0), atol=1e-5), "the mean moved"
+        spread = ((after - after.mean(0)) ** 2).sum()
+        assert spread < ((before - before.mean(0)) ** 2).sum()
+
+
+def test_one_worker_is_plain_sgd(tmp_path):
+    """N = 1: the simulation is single-process SGD on the whole data set."""
+    from dsgd_mpi.data import load
+    from dsgd_mpi.models import build_model
+    from dsgd_mpi.schedule import Timeline
+    from dsgd_mpi.shards import ShardedLoader
+
+    path = _write(tmp_path, "one", {"topology": {"name": "ring"}, "run": {"steps": 20},
+                                    "checkpoint": {"every": 20}})  # fmt: skip
+    assert sim_main([path, "--workers", "1", "--mode", "reference"]) == 0
+    cfg = load_config(path)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=1e-4)  # fmt: skip
+    split, info = load("synthetic", "", train=True, synthetic_size=1024, seed=7)
+    loader = ShardedLoader(split, info, rank=0, world_size=1, batch_size=16, seed=7)
+    timeline = Timeline(cfg, 1, loader.steps_per_epoch)
+    batches = [b for e in range(2) for b in loader.batches(e)]
+    for step in range(20):
+        images, labels = batches[step]
+        for group in opt.param_groups:
+            group["lr"] = timeline.lr(step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+    got = checkpoint.load(str(tmp_path / "one" / "ckpt"), 20, 0)["replica"]["model"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers, words", [("0", "n >= 1"), ("3", "even n")])
+def test_bad_workers_exit_2_with_the_topologys_message(tmp_path, workers, words):
+    path = _write(tmp_path, "bad", {"topology": {"name": "bipartite_exponential"}})
+    done = subprocess.run([sys.executable, "-m", "dsgd_mpi.sim", path, "--workers", workers],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "config error: topology.name" in done.stderr and words in done.stderr
