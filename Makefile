@@ -24,7 +24,7 @@ else
 endif
 export MPIEXEC
 
-.PHONY: install run demo data test bench lint clean study gpu-check killtest
+.PHONY: install run sim demo data test bench lint clean study gpu-check killtest
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
@@ -41,6 +41,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP) data
 	$(MPIEXEC) -n $(NP) $(PY) -m mpi4py -m dsgd_mpi.run configs/quickstart.yaml data.root=$(FMNIST) \
 	  run.overwrite=true
+
+# The same run with NP replicas in one process (the simulator): no MPI, same HDF5 layout.
+sim: $(STAMP) data
+	$(PY) -m dsgd_mpi.sim configs/quickstart.yaml --workers $(NP) data.root=$(FMNIST) \
+	  run.name=quickstart_sim run.overwrite=true
 
 # Gossip alone: the consensus distance shrinking round by round.
 demo: $(STAMP)

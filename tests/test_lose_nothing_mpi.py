@@ -48,6 +48,14 @@ def _rows(h5: str) -> dict[str, np.ndarray]:
         return {k: v[()] for k, v in f["steps"].items()}
 
 
+def _steps_in(h5: str) -> int:
+    """The last step the file holds (0 without a file or rows)."""
+    if not os.path.exists(h5):
+        return 0
+    steps = _rows(h5).get("step", np.zeros(0))
+    return int(steps[-1]) if len(steps) else 0
+
+
 def _digest(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -63,20 +71,23 @@ def test_kills_at_random_moments_lose_no_flushed_row(tmp_path):
     started = time.monotonic()
     for _ in range(KILLS):
         before = _digest(h5) if os.path.exists(h5) else None
-        inode = os.stat(h5).st_ino if os.path.exists(h5) else None
+        done = 0 if extra else _steps_in(h5)  # an overwrite starts a new file
         proc = start_ranks(2, ["-m", "dsgd_mpi.run", cfg, *extra])
         extra = []
-        # One kill in five lands while the job starts (torch import, resume); the others
-        # at a random moment within the first second after this launch's first flush
-        # (every flush replaces the file: a new inode).
+        # One kill in five lands while the job starts (torch import, resume); the others at a
+        # random moment within the second after this launch has flushed a step beyond what
+        # the file held (and beyond the first checkpoint, at step 2), however slow the machine.
         if rng.random() < 0.2:
             deadline = time.monotonic() + rng.uniform(0.2, 3.0)
         else:
             deadline = time.monotonic() + 120
+            inode = None
             while time.monotonic() < deadline and proc.poll() is None:
                 if os.path.exists(h5) and os.stat(h5).st_ino != inode:
-                    break
-                time.sleep(0.01)
+                    inode = os.stat(h5).st_ino  # every flush replaces the file: a new inode
+                    if _steps_in(h5) > max(done, 2):
+                        break
+                time.sleep(0.02)
             deadline = time.monotonic() + rng.uniform(0.0, 1.0)
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)

@@ -1,57 +1,20 @@
 """Consensus measures on real ranks: the control holds the quantity the user names.
 
-One MPI job per world size (4 and 8) runs a plan of two runs, so that each of
-ring and random matching is seen with each measure (exact, sketch) once; every
-step is logged with the exact distance.
+The shared 4-rank job (tests/shared_runs.py) runs ring with the exact measure and
+random matching with the sketch, every step logged with the exact distance.
 """
 
-import h5py
 import numpy as np
 import pytest
-import yaml
 
-from tests.mpi_util import check_ranks
-
-MAX_ROUNDS = 4
-BASE = {
-    "run": {"steps": 16, "seed": 4},
-    "data": {"name": "synthetic", "synthetic_size": 1024, "batch_size": 8},
-    "model": {"name": "mlp"},
-    "optim": {"lr": 0.05, "base_batch": 64},
-    "metrics": {"log_every": 1, "exact_every": 1, "eval_every": 1, "flush_every": 64},
-}
+from tests.shared_runs import MEASURE_ROUNDS as MAX_ROUNDS
 
 
-def _steps(path) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r", locking=False) as f:
-        return {k: v[()] for k, v in f["steps"].items()}
-
-
-RUNS = {4: (("ring", "exact"), ("random_matching", "sketch")),
-        8: (("random_matching", "exact"), ("ring", "sketch"))}  # fmt: skip
-
-
-@pytest.fixture(scope="module", params=[4, 8])
-def measured_runs(request, tmp_path_factory):
-    """{(topology, measure): steps} of one job of n ranks; its two runs share it."""
-    n = request.param
-    tmp = tmp_path_factory.mktemp(f"measures_n{n}")
-    base = yaml.safe_load(yaml.safe_dump(BASE))
-    base["run"]["out_dir"] = str(tmp)
-    cfg = tmp / "base.yaml"
-    cfg.write_text(yaml.safe_dump(base))
-    runs = RUNS[n]
-    # The exact runs hold a target that binds; the sketch runs a loose one, so that
-    # their steps end with a real distance to compare (not consensus to float noise).
-    reference = {"exact": 2e-5, "sketch": 1.0}
-    plan = tmp / "plan.txt"
-    plan.write_text("".join(
-        f"{cfg} run.name={t}_{m} topology.name={t} consensus.measure={m} "
-        f"consensus.phases.0.target=constant consensus.phases.0.reference={reference[m]} "
-        f"consensus.phases.0.max_rounds={MAX_ROUNDS}\n" for t, m in runs
-    ))  # fmt: skip
-    check_ranks(n, ["-m", "dsgd_mpi.study", str(plan)], timeout=280)
-    return {(t, m): _steps(tmp / f"{t}_{m}.h5") for t, m in runs}
+@pytest.fixture(scope="module")
+def measured_runs(shared):
+    """{(topology, measure): steps} of the shared job's two measure runs."""
+    return {(t, m): shared.table(f"{t}_{m}") for t, m in (("ring", "exact"),
+                                                          ("random_matching", "sketch"))}
 
 
 @pytest.mark.mpi

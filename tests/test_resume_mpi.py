@@ -20,8 +20,9 @@ from dsgd_mpi import checkpoint
 from tests.mpi_util import finish, kill_job, rank_pids, run_ranks, start_ranks
 
 N = 4
+STEPS = 32  # 4 epochs of 8 steps
 BASE = {
-    "run": {"name": "r", "epochs": 6, "seed": 5},
+    "run": {"name": "r", "epochs": 4, "seed": 5},
     "data": {"name": "synthetic", "synthetic_size": 512, "batch_size": 16},  # 8 steps/epoch
     "model": {"name": "mlp"},
     "optim": {"lr": 0.05, "base_batch": 64, "milestones": [0.5, 0.75]},
@@ -83,7 +84,7 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
     assert stopped.returncode == 3, stopped.stderr
     assert "stopped by SIGTERM at step" in stopped.stdout
     stop_step = int(stopped.stdout.split("stopped by SIGTERM at step ")[1].split(":")[0])
-    assert 7 <= stop_step < 48, "the run must really have been cut short"
+    assert 7 <= stop_step < STEPS, "the run must really have been cut short"
 
     resumed = run_ranks(N, ["-m", "dsgd_mpi.run", cut], timeout=240)
     assert resumed.returncode == 0, resumed.stderr
@@ -92,15 +93,15 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
     for a, b in zip(
         _final_states(str(tmp_path / "whole")), _final_states(str(tmp_path / "cut")), strict=True
     ):
-        assert a["step"] == b["step"] == 48
+        assert a["step"] == b["step"] == STEPS
         ra, rb = a["replica"], b["replica"]
         for key in ra["model"]:
             assert torch.equal(ra["model"][key], rb["model"][key]), key
         assert torch.equal(ra["optimizer"]["momentum_buffer"], rb["optimizer"]["momentum_buffer"])
-        assert a["gossip_t"] == b["gossip_t"] > 48  # several rounds per step were needed
+        assert a["gossip_t"] == b["gossip_t"] > STEPS  # several rounds per step were needed
 
     ref, got = _rows(str(tmp_path / "whole" / "r.h5")), _rows(h5)
-    np.testing.assert_array_equal(got["step"], np.arange(1, 49))  # no gap, no duplicate
+    np.testing.assert_array_equal(got["step"], np.arange(1, STEPS + 1))  # no gap, no duplicate
     for field in ("train_loss", "consensus_estimate", "gossip_rounds", "lr", "phase"):
         np.testing.assert_array_equal(got[field], ref[field], err_msg=field)
     ref_eval, got_eval = _rows(str(tmp_path / "whole" / "r.h5"), "eval"), _rows(h5, "eval")
@@ -112,22 +113,6 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
     assert refused.returncode == 2
     assert "checkpoint.dir" in refused.stderr and "optim.lr differs" in refused.stderr
     np.testing.assert_array_equal(_rows(h5)["step"], got["step"])  # the file was not touched
-
-
-@pytest.mark.mpi
-def test_kill_9_of_the_whole_job_leaves_every_flushed_row_readable(tmp_path):
-    cfg = _config(tmp_path, "k", run={"epochs": 200})
-    h5 = str(tmp_path / "k" / "r.h5")
-    proc = start_ranks(2, ["-m", "dsgd_mpi.run", cfg])
-    _wait_for_rows(h5, 5, proc)
-    seen = len(_rows(h5)["step"])
-    kill_job(proc, signal.SIGKILL)
-    proc.wait(timeout=30)
-    rows = _rows(h5)
-    assert len(rows["step"]) >= seen
-    np.testing.assert_array_equal(rows["step"], np.arange(1, len(rows["step"]) + 1))
-    with h5py.File(h5, "r", locking=False) as f:
-        assert "finished" not in f.attrs
 
 
 @pytest.mark.mpi

@@ -6,8 +6,6 @@ reduction (estimates, exact distance, an all-reduce average) within float
 tolerance. The fast mode must agree with the reference mode to float tolerance.
 """
 
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -18,25 +16,9 @@ import yaml
 from dsgd_mpi import checkpoint
 from dsgd_mpi.config import load_config
 from dsgd_mpi.sim.__main__ import main as sim_main
-from tests.mpi_util import check_ranks
-
-STEPS = 30
-BASE = {
-    "run": {"steps": STEPS, "seed": 7},
-    "data": {"name": "synthetic", "synthetic_size": 1024, "batch_size": 16},  # 16 steps/epoch
-    "model": {"name": "small_cnn"},
-    "optim": {"lr": 0.05, "base_batch": 64, "milestones": [0.5]},
-    "metrics": {"log_every": 1, "exact_every": 1, "eval_every": 1, "flush_every": 10},
-    "checkpoint": {"every": STEPS},
-}
-#: ring with a controlled phase that needs repeated rounds; random matching with
-#: plain gossip, then an exact (all-reduce) phase for the last steps.
-CASES = {
-    "ring": {"topology": {"name": "ring"}, "consensus": {"measure": "exact", "phases": [
-        {"target": "constant", "reference": 1e-4, "max_rounds": 3}]}},
-    "matching": {"topology": {"name": "random_matching", "seed": 3}, "consensus": {"phases": [
-        {"target": "none", "until_epoch": 1.5}, {"target": "exact"}]}},
-}  # fmt: skip
+from tests.shared_runs import SIM_BASE as BASE
+from tests.shared_runs import SIM_CASES as CASES
+from tests.shared_runs import SIM_STEPS as STEPS
 
 
 def _write(folder, name: str, body: dict) -> str:
@@ -60,12 +42,10 @@ def _rows(folder, name: str, group: str = "steps") -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def mpi_and_sim(tmp_path_factory):
-    """Each case run by 4 MPI ranks (one job) and by the reference and fast simulations."""
-    mpi, ref, fast = (tmp_path_factory.mktemp(k) for k in ("mpi", "ref", "fast"))
-    plan = mpi / "plan.txt"
-    plan.write_text("".join(f"{_write(mpi, k, v)}\n" for k, v in CASES.items()))
-    check_ranks(4, ["-m", "dsgd_mpi.study", str(plan)], timeout=280)
+def mpi_and_sim(shared, tmp_path_factory):
+    """Each case run by 4 MPI ranks (the shared job) and by the reference and fast simulations."""
+    mpi = shared.root / "runs"
+    ref, fast = (tmp_path_factory.mktemp(k) for k in ("ref", "fast"))
     for folder, mode in ((ref, "reference"), (fast, "fast")):
         for name, body in CASES.items():
             assert sim_main([_write(folder, name, body), "--workers", "4", "--mode", mode]) == 0
@@ -184,9 +164,8 @@ def test_one_worker_is_plain_sgd(tmp_path):
 
 
 @pytest.mark.parametrize("workers, words", [("0", "n >= 1"), ("3", "even n")])
-def test_bad_workers_exit_2_with_the_topologys_message(tmp_path, workers, words):
+def test_bad_workers_exit_2_with_the_topologys_message(tmp_path, capsys, workers, words):
     path = _write(tmp_path, "bad", {"topology": {"name": "bipartite_exponential"}})
-    done = subprocess.run([sys.executable, "-m", "dsgd_mpi.sim", path, "--workers", workers],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert "config error: topology.name" in done.stderr and words in done.stderr
+    assert sim_main([path, "--workers", workers]) == 2  # in-process: the CLI's exit status
+    err = capsys.readouterr().err
+    assert "config error: topology.name" in err and words in err

@@ -38,7 +38,9 @@ def run_sim(args) -> int:
         print("dsgd_mpi.bench: --workers and --repeats must be positive", file=sys.stderr)
         return 2
     out = tempfile.mkdtemp(prefix="dsgd_bench_sim_")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Each side sizes its own thread pool as a user's run would: the MPI ranks share the
+    # cores (cores / ranks each), the simulation takes every core of its CPU set.
+    env = dict(os.environ)
     py = sys.executable
 
     def sim(n: int, k: int) -> list[str]:
