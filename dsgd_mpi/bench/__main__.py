@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--repeats", type=int, default=3, help="interleaved pairs")
     sm.add_argument("--scaling", default="4,16,64", help="simulation alone at these N ('' none)")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    # Overrides may follow the options (`sim CONFIG --workers 16 run.epochs=1`): argparse
+    # cannot intermix positionals with subparsers, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if args.what == "sim" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.what == "sim":
         from dsgd_mpi.bench.sim import run_sim
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, required=True, help="replicas (the world size)")
     parser.add_argument("--mode", choices=("fast", "reference"), default="fast",
                         help="fast: batched replicas; reference: the MPI ranks' arithmetic")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --workers
     try:
         cfg = config_mod.load_config(args.config, args.overrides)
         config_mod.check_world(cfg, args.workers)
