@@ -64,10 +64,14 @@ def _control(name: str, phases: list[dict], **sections) -> dict:
                   consensus={"phases": phases}, **sections)  # fmt: skip
 
 
-def _measure(topology: str, measure: str, reference: float) -> dict:
-    # The exact run holds a target that binds; the sketch run a loose one, so that its
-    # steps end with a real distance to compare (not consensus to float noise).
-    return merged(
+def measure_run(topology: str, measure: str, out_dir: Path) -> dict:
+    """A 16-step run under ``measure`` that logs the exact distance at every step.
+
+    The exact run holds a target that binds; the sketch run a loose one, so that its
+    steps end with a real distance to compare (not consensus to float noise).
+    """
+    reference = {"exact": 2e-5, "sketch": 1.0}[measure]
+    cfg = merged(
         TINY,
         run={"name": f"{topology}_{measure}", "steps": 16, "seed": 4},
         data={"synthetic_size": 1024, "batch_size": 8},
@@ -76,6 +80,8 @@ def _measure(topology: str, measure: str, reference: float) -> dict:
         consensus={"measure": measure, "phases": [
             {"target": "constant", "reference": reference, "max_rounds": MEASURE_ROUNDS}]},
     )  # fmt: skip
+    cfg["run"]["out_dir"] = str(out_dir)
+    return cfg
 
 
 def runs(root: Path) -> dict[str, dict]:
@@ -97,8 +103,8 @@ def runs(root: Path) -> dict[str, dict]:
         "controlled": _control("controlled", [{"target": "constant", "factor": 0.25,
                                                "reference_run": reference, "max_rounds": 6}]),
         "local": _control("local", [{"target": "none"}], gossip={"local_steps": 3}),
-        "ring_exact": _measure("ring", "exact", 2e-5),
-        "random_matching_sketch": _measure("random_matching", "sketch", 1.0),
+        "ring_exact": measure_run("ring", "exact", root / "runs"),
+        "random_matching_sketch": measure_run("random_matching", "sketch", root / "runs"),
     }
     for name, body in SIM_CASES.items():
         out[name] = merged(SIM_BASE, run={"name": name}, **body)

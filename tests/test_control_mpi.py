@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dsgd_mpi.config import ConfigError, load_config
-from dsgd_mpi.control import reference_maxima
+from dsgd_mpi.control import TargetPolicy, reference_maxima
+from dsgd_mpi.schedule import phases
 
 
 @pytest.mark.mpi
@@ -30,6 +31,18 @@ def test_exact_phase_leaves_no_consensus_distance(shared):
     assert (s["gossip_rounds"] == 1).all()
 
 
+def test_adaptive_target_is_factor_times_lr_squared_times_the_gradient_ema():
+    keys = ["target=adaptive", "factor=0.5", "ema=0.9"]
+    cfg = load_config(None, ["data.name=synthetic", *(f"consensus.phases.0.{k}" for k in keys)])
+    (phase,) = phases(cfg)
+    policy = TargetPolicy(phases(cfg), {})
+    assert policy.needs_gradient_norm(phase)
+    policy.observe(phase, 4.0)
+    assert policy.target(phase, 0.1) == pytest.approx(0.5 * 0.1**2 * 4.0)
+    policy.observe(phase, 2.0)  # EMA: 0.9 * 4 + 0.1 * 2
+    assert policy.target(phase, 0.2) == pytest.approx(0.5 * 0.2**2 * 3.8)
+
+
 @pytest.mark.mpi
 def test_adaptive_target_follows_lr_squared_times_gradient_norm(shared):
     s = shared.table("adaptive")
@@ -37,6 +50,11 @@ def test_adaptive_target_follows_lr_squared_times_gradient_norm(shared):
     ok = (s["consensus_estimate"] <= s["target"]) | (s["gossip_rounds"] == 8)
     assert ok.all()
     assert (s["gossip_rounds"] > 1).any()  # the target binds somewhere
+    # target / (factor lr^2) is an EMA (0.9) of positive squared gradient norms: each
+    # value keeps at least 0.9 of the previous one, and it moves.
+    ema = s["target"] / (0.5 * s["lr"] ** 2)
+    assert (ema[1:] >= 0.9 * ema[:-1] * (1 - 1e-9)).all()
+    assert not np.allclose(ema, ema[0])
 
 
 @pytest.mark.mpi

@@ -1,20 +1,45 @@
 """Consensus measures on real ranks: the control holds the quantity the user names.
 
-The shared 4-rank job (tests/shared_runs.py) runs ring with the exact measure and
-random matching with the sketch, every step logged with the exact distance.
+At 4 ranks the shared job (tests/shared_runs.py) runs ring with the exact measure
+and random matching with the sketch; one 8-rank job runs the other two pairings.
+Every step is logged with the exact distance.
 """
 
+import h5py
 import numpy as np
 import pytest
+import yaml
 
+from tests.mpi_util import check_ranks
 from tests.shared_runs import MEASURE_ROUNDS as MAX_ROUNDS
+from tests.shared_runs import measure_run
+
+PAIRS = {4: (("ring", "exact"), ("random_matching", "sketch")),
+         8: (("random_matching", "exact"), ("ring", "sketch"))}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def measured_runs(shared):
-    """{(topology, measure): steps} of the shared job's two measure runs."""
-    return {(t, m): shared.table(f"{t}_{m}") for t, m in (("ring", "exact"),
-                                                          ("random_matching", "sketch"))}
+def _steps(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r", locking=False) as f:
+        return {k: v[()] for k, v in f["steps"].items()}
+
+
+@pytest.fixture(scope="module", params=[4, 8])
+def measured_runs(request, tmp_path_factory):
+    """{(topology, measure): steps} of the measure runs at n ranks."""
+    n = request.param
+    if n == 4:
+        shared = request.getfixturevalue("shared")
+        return {(t, m): shared.table(f"{t}_{m}") for t, m in PAIRS[4]}
+    tmp = tmp_path_factory.mktemp("measures_n8")
+    lines = []
+    for t, m in PAIRS[n]:
+        cfg = measure_run(t, m, tmp / "runs")
+        path = tmp / f"{t}_{m}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        lines.append(f"{path}\n")
+    (tmp / "plan.txt").write_text("".join(lines))
+    check_ranks(n, ["-m", "dsgd_mpi.study", str(tmp / "plan.txt")], timeout=400)
+    return {(t, m): _steps(tmp / "runs" / f"{t}_{m}.h5") for t, m in PAIRS[n]}
 
 
 @pytest.mark.mpi
