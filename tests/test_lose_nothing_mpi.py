@@ -61,6 +61,7 @@ def _digest(path: str) -> str:
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(900)  # 8 launches of 2 ranks; each wait inside has its own deadline
 def test_kills_at_random_moments_lose_no_flushed_row(tmp_path, capsys):
     cfg = _config(tmp_path)
     h5 = str(tmp_path / "runs" / "k.h5")
