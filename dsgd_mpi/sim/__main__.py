@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, required=True, help="replicas (the world size)")
     parser.add_argument("--mode", choices=("fast", "reference"), default="fast",
                         help="fast: batched replicas; reference: the MPI ranks' arithmetic")
-    args = parser.parse_args(argv)
+    # Intermixed: DESIGN.md's `CONFIG --workers N key=value ...` puts overrides after the option.
+    args = parser.parse_intermixed_args(argv)
     return run_config(args.config, args.overrides, args.workers, args.mode)
 
 
