@@ -36,7 +36,7 @@ TINY = {  # a synthetic run of a few seconds
 def write_run(folder: Path, cell: str, seed: int, acc: float, *, topology: str = "ring",
               n: int | None = None, rounds: int = 1, exact: float = 0.5, bound: float = 1.0,
               target: float = math.inf, measured: float | None = None, backend: str = "sim",
-              **final: float) -> str:  # fmt: skip
+              order: str = "local_first", **final: float) -> str:  # fmt: skip
     """A finished run file of 10 logged steps and one evaluation, as the trainer writes it.
 
     ``final`` sets evaluation fields (test_nll, ensemble_ece, sharpness_lambda_max, ...).
@@ -44,7 +44,7 @@ def write_run(folder: Path, cell: str, seed: int, acc: float, *, topology: str =
     name = f"{cell}_s{seed}"
     n = n or int(cell.split("_n")[-1].split("_")[0])
     cfg = load_config(None, [f"run.name={name}", f"run.seed={seed}", "metrics.log_every=1",
-                             f"topology.name={topology}"])  # fmt: skip
+                             f"topology.name={topology}", f"gossip.order={order}"])  # fmt: skip
     path = str(folder / f"{name}.h5")
     attrs = {"config": to_yaml(cfg), "world_size": n, "topology": topology, "backend": backend,
              "started": "2026-01-01T00:00:00+00:00"}  # fmt: skip
@@ -195,6 +195,9 @@ def test_bound_violation_and_rounds_to_a_target(tmp_path):
     assert "one-peer 4, ring 45" in b.reason  # rounds to shrink the distance 100x, from W(t)
     write_run(tmp_path, "target_onepeer_n16", 0, 0.5, rounds=6, topology="one_peer_exponential",
               target=0.1, exact=0.01, bound=math.nan)  # fmt: skip
+    write_run(tmp_path, "zhu_lb_ring_n16", 0, 0.5, exact=2.0, bound=1.0, order="gossip_first")
+    a, _ = claims.claim5(cells_in(tmp_path), 16)  # measured after the gradient: not bounded
+    assert a.verdict == "reproduced" and "10 logged" in a.reason
     write_run(tmp_path, "ring_n16", 0, 0.5, exact=2.0, bound=1.0)
     a, b = claims.claim5(cells_in(tmp_path), 16)
     assert a.verdict == "not reproduced" and "10 with exact > bound" in a.reason
