@@ -338,15 +338,16 @@ def test_the_fmnist_grid_meets_the_issue():
 
 def test_avg_sam_plan_takes_each_seeds_mean_distance(tmp_path):
     s = {**generate.QUICK, "configs": "cfg", "out": str(tmp_path)}
+    n = s["big"]
     for seed, xi2 in zip(s["seeds"], (0.5, 0.25), strict=True):
-        write_run(tmp_path, "zhu_lb_ring_n16", seed, 0.8, exact=xi2)
+        write_run(tmp_path, f"zhu_lb_ring_n{n}", seed, 0.8, exact=xi2)
     text = generate.avg_sam_plan(s, str(tmp_path))
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert lines == [
-        f"cfg/zhu_lb_avgsam_n16.yaml run.seed={seed} run.name=zhu_lb_avgsam_n16_s{seed} "
+        f"cfg/zhu_lb_avgsam_n{n}.yaml run.seed={seed} run.name=zhu_lb_avgsam_n{n}_s{seed} "
         f"optim.perturb_xi2={xi2}" for seed, xi2 in ((0, 0.5), (1, 0.25))
     ]  # fmt: skip
-    (tmp_path / "zhu_lb_ring_n16_s1.h5").unlink()
+    (tmp_path / f"zhu_lb_ring_n{n}_s1.h5").unlink()
     with pytest.raises(OSError):
         generate.avg_sam_plan(s, str(tmp_path))
 

@@ -80,6 +80,7 @@ QUICK: dict = {
     "data": {"name": "synthetic", "synthetic_size": 256},  # the test set too: cheap evaluations
     "kong": {**FMNIST["kong"], "epochs": 3, "batch": 4, "warmup_epochs": 0.5},
     "target": {**FMNIST["target"], "epochs": 1},
+    "big": 4,  # claims 2-9 on 4 workers: the sharpness's HVPs cost per worker (~120 of them)
     "zhu": {**FMNIST["zhu"], "steps": 8, "small": 4, "large": 16, "warmup_steps": 2,
             "sharpness_samples": 64},
     "seeds": (0, 1),
