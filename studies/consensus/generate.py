@@ -2,7 +2,7 @@
 
     python -m studies.consensus.generate            # configs/study/{fmnist,cifar10}/, sweeps
     python -m studies.consensus.generate --quick D  # the smoke grid (a few steps) into D/
-    python -m studies.consensus.generate --avg-sam RUNS [--plan PLAN]   # claim 9's runs
+    python -m studies.consensus.generate [--quick D] --avg-sam RUNS   # claim 9's plan, in RUNS/
 
 One YAML per cell (an experiment without its seed) and one plan per backend and
 world size: ``plan_sim_nN.txt`` (``python -m dsgd_mpi.study --sim N``) and
