@@ -65,20 +65,43 @@ data:
 	  exit 2; \
 	fi
 
-# The consensus-control study (issue 6): the Fashion-MNIST grid of configs/study/fmnist, one MPI
-# job per world size, then docs/RESULTS.md with a verdict per claim (~40 min on 2 cores).
-# Finished runs with the same config are skipped: rm -rf $(STUDY) to start over.
-STUDY ?= runs/study/fmnist
+# The consensus-distance study, second edition (issue 16; studies/consensus/README.md): every
+# cell on the one-process simulator (`dsgd_mpi.study --sim N`, one process per world size),
+# claim 1's cells at 4 and 16 workers also on MPI ranks, then docs/RESULTS.md with a verdict
+# per claim. Finished runs with the same config are skipped: rm -rf $(STUDY) to start over.
+# STUDY_QUICK=1: the same pipeline on a tiny synthetic grid (a few steps per run) in
+# runs/study-quick/ (configs, runs, and the report in runs/study-quick/docs), to check it.
+ifeq ($(STUDY_QUICK),1)
+  STUDY_ROOT = runs/study-quick
+  STUDY      = $(STUDY_ROOT)/runs
+  STUDY_CFG  = $(STUDY_ROOT)/configs
+  STUDY_DOCS = $(STUDY_ROOT)/docs
+  STUDY_GEN  = --quick $(STUDY_ROOT)
+else
+  STUDY      = runs/study/fmnist
+  STUDY_CFG  = configs/study/fmnist
+  STUDY_DOCS = docs
+  STUDY_GEN  =
+endif
+# Simulator plans (one per world size and seed) run STUDY_JOBS at a time, one thread each:
+# on CPU two single-thread processes train ~2x faster than one process with two threads.
+STUDY_JOBS ?= $(shell nproc)
+SIM_PLANS = xargs -P $(STUDY_JOBS) -I{} sh -c 'n=$${1\#\#*_n}; n=$${n%%_*}; \
+  OMP_NUM_THREADS=1 $(PY) -m dsgd_mpi.study --sim $$n $$1 data.root=$(FMNIST)' _ {}
 study: $(STAMP) data
 	@mkdir -p $(STUDY) && date +%s > $(STUDY)/.started
 	@status=0; \
-	for n in 4 16; do \
-	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m dsgd_mpi.study configs/study/fmnist/plan_n$$n.txt \
-	    data.root=$(FMNIST) || status=$$?; \
+	if [ -n "$(STUDY_GEN)" ]; then $(PY) -m studies.consensus.generate $(STUDY_GEN) || exit $$?; fi; \
+	ls -1S $(STUDY_CFG)/plan_sim_n*.txt | $(SIM_PLANS) || status=$$?; \
+	$(PY) -m studies.consensus.generate $(STUDY_GEN) --avg-sam $(STUDY) && \
+	  ls -1S $(STUDY)/plan_avgsam_n*.txt | $(SIM_PLANS) || status=$$?; \
+	for plan in $(STUDY_CFG)/plan_mpi_n*.txt; do \
+	  n=$${plan##*_n}; n=$${n%.txt}; \
+	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m dsgd_mpi.study $$plan data.root=$(FMNIST) || status=$$?; \
 	done; \
-	$(PY) -m dsgd_mpi.analyze $(STUDY)/*.h5 --out docs/study/analyze > /dev/null || status=$$?; \
+	$(PY) -m dsgd_mpi.analyze $(STUDY)/*.h5 --out $(STUDY_DOCS)/study/analyze > /dev/null || status=$$?; \
 	took=$$(( $$(date +%s) - $$(cat $(STUDY)/.started) )); \
-	$(PY) -m dsgd_mpi.analysis.report $(STUDY)/*.h5 --out docs \
+	$(PY) -m studies.consensus.report $(STUDY)/*.h5 --out $(STUDY_DOCS) \
 	  --note "\`make study\` took $$((took / 60)) min $$((took % 60)) s on $$(nproc) cores ($$(date -u +%F))." \
 	  || status=$$?; \
 	exit $$status

@@ -291,6 +291,8 @@ class MetricsConfig:
     """Measure the exact consensus distance every this many steps (0 = never)."""
     eval_every: PosFloat = 1.0
     """Evaluate the averaged and local models every this many epochs (fractions allowed)."""
+    eval_local: bool = True
+    """Also score every local model and their ensemble (n test passes); false: x̄ only."""
     flush_every: PosInt = 50
     """Flush logged rows to the HDF5 file every this many steps."""
     bn: Literal["averaged", "recompute", "rank0"] = "averaged"

@@ -131,12 +131,15 @@ class Trainer:
         if sharpness:
             sharp = (f"  lambda_max {row['sharpness_lambda_max']:.4g} "
                      f"trace {row['sharpness_trace']:.4g}")  # fmt: skip
+        local = ""
+        if m.eval_local:
+            local = (f"  local models: {100 * row['local_acc_min']:.1f}-"
+                     f"{100 * row['local_acc_max']:.1f}%  ensemble "
+                     f"{100 * row['ensemble_acc']:.2f}% ECE {row['ensemble_ece']:.3f}")  # fmt: skip
         self.log(
             f"eval   epoch {row['epoch']:6.2f}  averaged model: test acc "
             f"{100 * row['test_acc']:.2f}%  loss {row['test_loss']:.4f}  ECE "
-            f"{row['test_ece']:.3f}  local models: {100 * row['local_acc_min']:.1f}-"
-            f"{100 * row['local_acc_max']:.1f}%  ensemble {100 * row['ensemble_acc']:.2f}% "
-            f"ECE {row['ensemble_ece']:.3f}{sharp}"
+            f"{row['test_ece']:.3f}{local}{sharp}"
         )
 
     def _due(self, every_epochs: float) -> bool:

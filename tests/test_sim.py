@@ -169,3 +169,22 @@ def test_bad_workers_exit_2_with_the_topologys_message(tmp_path, capsys, workers
     assert sim_main([path, "--workers", workers]) == 2  # in-process: the CLI's exit status
     err = capsys.readouterr().err
     assert "config error: topology.name" in err and words in err
+
+
+def test_eval_local_false_scores_the_averaged_model_only(tmp_path):
+    """The same run with and without the local models' test passes: x̄'s scores are equal,
+    the local and ensemble fields are NaN (the file's layout unchanged)."""
+    rows = {}
+    for flag in (True, False):
+        name = f"local_{flag}"
+        path = _write(tmp_path, name, {"run": {"steps": 6}, "topology": {"name": "ring"},
+                                       "metrics": {"eval_local": flag}})  # fmt: skip
+        assert sim_main([path, "--workers", "4", "--mode", "reference"]) == 0
+        rows[flag] = _rows(tmp_path, name, "eval")
+    on, off = rows[True], rows[False]
+    assert set(on) == set(off)
+    np.testing.assert_array_equal(off["test_acc"], on["test_acc"])
+    np.testing.assert_array_equal(off["test_ece"], on["test_ece"])
+    assert np.isfinite(on["local_acc_mean"]).all() and np.isfinite(on["ensemble_acc"]).all()
+    for key in ("local_acc_mean", "local_acc_min", "ensemble_acc", "ensemble_nll"):
+        assert np.isnan(off[key]).all(), key

@@ -60,18 +60,20 @@ class Evaluator:
                             device=self.device, resize=self.cfg.data.resize)  # fmt: skip
 
     def __call__(self, step: int, epoch: float, sharpness: bool = False) -> dict:
-        n = self.group.size
-        local, ensemble = self._local_and_ensemble()
-        acc = local[:, 1] / local[:, 2]
+        spread = dict(local_acc_mean=np.nan, local_acc_min=np.nan, local_acc_max=np.nan)
+        ensemble = Calibration()  # empty: NaN scores, the same row layout
+        if self.cfg.metrics.eval_local:  # the same on every rank: the collectives match
+            local, ensemble = self._local_and_ensemble()
+            acc = local[:, 1] / local[:, 2]
+            spread = dict(local_acc_mean=float(self.group.sum(acc[:, None])[0]) / self.group.size,
+                          local_acc_min=-float(self.group.max(-acc[:, None])[0]),
+                          local_acc_max=float(self.group.max(acc[:, None])[0]))  # fmt: skip
         xbar = averaged_model(self.group, self.models, self.cfg.metrics.bn, self.bn_batches)
         totals, cal = self._score_xbar(xbar)
         loss_sum, count = totals
         row: dict = dict(
             step=step, epoch=epoch, test_loss=loss_sum / count, test_acc=cal.accuracy,
-            test_nll=cal.nll, test_ece=cal.ece,
-            local_acc_mean=float(self.group.sum(acc[:, None])[0]) / n,
-            local_acc_min=-float(self.group.max(-acc[:, None])[0]),
-            local_acc_max=float(self.group.max(acc[:, None])[0]),
+            test_nll=cal.nll, test_ece=cal.ece, **spread,
             ensemble_acc=ensemble.accuracy, ensemble_nll=ensemble.nll, ensemble_ece=ensemble.ece,
             sharpness_lambda_max=np.nan, sharpness_trace=np.nan,
             sharpness_power_iters=-1, sharpness_trace_iters=-1,

@@ -36,22 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, required=True, help="replicas (the world size)")
     parser.add_argument("--mode", choices=("fast", "reference"), default="fast",
                         help="fast: batched replicas; reference: the MPI ranks' arithmetic")
-    args = parser.parse_intermixed_args(argv)  # overrides may follow --workers
+    # Intermixed: DESIGN.md's `CONFIG --workers N key=value ...` puts overrides after the option.
+    args = parser.parse_intermixed_args(argv)
+    return run_config(args.config, args.overrides, args.workers, args.mode)
+
+
+def run_config(path: str | None, overrides: list[str], workers: int, mode: str = "fast") -> int:
+    """One simulated run from a config file and overrides: 0 done, 2 bad input, 3 stopped.
+
+    The simulator's counterpart of ``dsgd_mpi.run.run_config``, so that a plan
+    (``python -m dsgd_mpi.study --sim N``) runs its lines in this process.
+    """
     try:
-        cfg = config_mod.load_config(args.config, args.overrides)
-        config_mod.check_world(cfg, args.workers)
-        reference = reference_maxima(cfg, args.workers)
+        cfg = config_mod.load_config(path, overrides)
+        config_mod.check_world(cfg, workers)
+        reference = reference_maxima(cfg, workers)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    group = SimGroup(args.workers)
+    group = SimGroup(workers)
     resume = checkpoint.agree_on_resume(group, assemble.checkpoint_dir(cfg))
-    problem = assemble.start_problem(cfg, args.workers, resume)
+    problem = assemble.start_problem(cfg, workers, resume)
     if problem:
         print(f"config error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return _train(cfg, group, args.mode, reference, resume)
+        return _train(cfg, group, mode, reference, resume)
     except (DataError, ConfigError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

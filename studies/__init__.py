@@ -1,0 +1,1 @@
+"""Experiments made with dsgd_mpi (not part of the installable package)."""
