@@ -126,6 +126,12 @@ def test_mpi_cells_agree_with_the_simulator_or_differ(tmp_path):
     for s, a in enumerate((0.800, 0.802, 0.801)):
         write_run(tmp_path, "ring_n16_mpi", s, a, backend="mpi")
     assert claims.mpi_check(cells_in(tmp_path)).verdict == "differ"
+    # One MPI seed beside the simulator's three: judged against their spread.
+    for s in (1, 2):
+        (tmp_path / f"ring_n16_mpi_s{s}.h5").unlink()
+    assert claims.mpi_check(cells_in(tmp_path)).verdict == "differ"  # 5 pp off
+    write_run(tmp_path, "ring_n16_mpi", 0, 0.8505, backend="mpi")
+    assert claims.mpi_check(cells_in(tmp_path)).verdict == "agree"
 
 
 # -------------------------------------------------------------- claims 2-4
@@ -294,7 +300,7 @@ def test_generator_reproduces_the_committed_files():
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_plan_runs_validate_and_references_come_first(plan, tmp_path, monkeypatch):
-    n = int(re.fullmatch(r"plan_\w+?_n(\d+)(_s\d+)?", plan.stem).group(1))
+    n = int(re.fullmatch(r"plan_[a-z]+_n(\d+)(_s\d+)?(_[a-z]+)?", plan.stem).group(1))
     monkeypatch.chdir(tmp_path)  # reference_run paths are relative: placeholders here
     (tmp_path / "data").mkdir()
     entries = read_plan(str(plan))

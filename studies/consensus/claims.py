@@ -48,7 +48,8 @@ RULES = {
          "the smallest (the growth's se combines both gaps'). Not reproduced when either is "
          "clearly below or absent; otherwise inconclusive. Beside it, the MPI check: each MPI "
          "cell *agrees* with the simulator cell of the same recipe when their difference is "
-         "within noise (|d| <= 2 se), else they *differ*.",
+         "within noise (|d| <= 2 se), else they *differ*; an MPI cell of one seed takes the "
+         "simulator cell's spread (se = sd x sqrt(1 + 1/k) over its k seeds).",
     "2": f"gap = C-SGD - dec-phase-1_none. Inconclusive unless the gap is clearly above 0, or if "
          f"a controlled cell held its target on fewer than {HELD:.0%} of its controlled steps. "
          f"Reproduced when f0.5 and f0.25 each close at least {CLOSES:.0%} of the gap "
@@ -213,11 +214,14 @@ class Cells:
         return int((self.stats["cell"] == cell).sum()) if cell in self else 0
 
     def compare(self, a: str, b: str, col: str = "acc") -> tuple[float, float]:
-        """(d, se) of cell a minus cell b over seeds; NaN when a cell has fewer than two."""
+        """(d, se) of cell a minus cell b over seeds; NaN unless one cell has two seeds and the
+        other at least one. A cell of one run is given the other cell's spread."""
         x, y = self.values(a, col), self.values(b, col)
-        if len(x) < 2 or len(y) < 2:
+        if min(len(x), len(y)) < 1 or max(len(x), len(y)) < 2:
             return math.nan, math.nan
-        se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+        vx = x.var(ddof=1) if len(x) > 1 else y.var(ddof=1)
+        vy = y.var(ddof=1) if len(y) > 1 else x.var(ddof=1)
+        se = math.sqrt(vx / len(x) + vy / len(y))
         return float(x.mean() - y.mean()), max(se, SE_FLOOR) if col == "acc" else se
 
     def paired(self, cell: str, a: str, b: str) -> tuple[float, float]:
@@ -302,7 +306,7 @@ def mpi_check(c: Cells) -> Verdict:
     if kinds & {"above", "below"}:
         return Verdict("1-mpi", name, "differ", text)
     if "unknown" in kinds:
-        return Verdict("1-mpi", name, "inconclusive", text + " (a cell has < 2 seeds)")
+        return Verdict("1-mpi", name, "inconclusive", text + " (too few seeds)")
     return Verdict("1-mpi", name, "agree", text)
 
 
