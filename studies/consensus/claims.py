@@ -440,18 +440,22 @@ def _rel(c: Cells, a: str, b: str, col: str) -> tuple[tuple[float, float], str]:
     return d, relation(*d, min_effect=floor)
 
 
+def _all_below(key: str, name: str, kinds: list[str], text: str) -> Verdict:
+    """Reproduced when every part is clearly below; not when one is above or absent."""
+    if all(k == "below" for k in kinds):
+        return Verdict(key, name, "reproduced", text)
+    if any(k in ("above", "absent") for k in kinds):
+        return Verdict(key, name, "not reproduced", text)
+    return Verdict(key, name, "inconclusive", text)
+
+
 def claim7(c: Cells, n: int) -> Verdict:
     name = "at a large batch D-SGD's averaged model is flatter than C-SGD's"
     parts = {col: _rel(c, f"zhu_lb_ring_n{n}", f"zhu_lb_csgd_n{n}", col)
              for col in ("lambda_max", "trace")}  # fmt: skip
     text = "; ".join(f"{col} D-SGD - C-SGD: {_gfmt(*d)} ({c.mean(f'zhu_lb_csgd_n{n}', col):.3g} "
                      f"for C-SGD)" for col, (d, _) in parts.items())  # fmt: skip
-    kinds = [k for _, k in parts.values()]
-    if all(k == "below" for k in kinds):
-        return Verdict("7", name, "reproduced", text)
-    if any(k in ("above", "absent") for k in kinds):
-        return Verdict("7", name, "not reproduced", text)
-    return Verdict("7", name, "inconclusive", text)
+    return _all_below("7", name, [kind for _, kind in parts.values()], text)
 
 
 def claim8(c: Cells, n: int) -> Verdict:
@@ -463,12 +467,7 @@ def claim8(c: Cells, n: int) -> Verdict:
         parts[avg] = (d, relation(*d, min_effect=REL_EFFECT * abs(c.mean(cell, avg))))
     text = "; ".join(f"{k.upper()} ensemble - averaged: {_gfmt(*d)} (averaged "
                      f"{c.mean(cell, k):.3g})" for k, (d, _) in parts.items())  # fmt: skip
-    kinds = [k for _, k in parts.values()]
-    if all(k == "below" for k in kinds):
-        return Verdict("8", name, "reproduced", text)
-    if any(k in ("above", "absent") for k in kinds):
-        return Verdict("8", name, "not reproduced", text)
-    return Verdict("8", name, "inconclusive", text)
+    return _all_below("8", name, [kind for _, kind in parts.values()], text)
 
 
 def claim9(c: Cells, n: int) -> Verdict:
