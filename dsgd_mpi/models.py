@@ -145,9 +145,19 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(c2 * 16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        # Pool, then ReLU: they commute (ReLU is monotone), and ReLU then runs on a
+        # quarter of the values. Pool in channels-last layout: torch's CPU max-pool
+        # is ~10x faster there. The simulator's step on CPU: ~1.1x faster, with
+        # the same values (to float rounding of conv2).
+        x = F.relu(F.max_pool2d(_channels_last(self.conv1(x)), 2))
+        x = F.relu(F.max_pool2d(_channels_last(self.conv2(x)), 2))
         return self.fc(self.pool(x).flatten(1))
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) with channels-last strides; by permutes because ``vmap``
+    (the simulator) refuses ``contiguous(memory_format=...)``."""
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 class MLP(nn.Module):

@@ -68,6 +68,39 @@ def test_small_cnn_is_small() -> None:
     assert 15_000 <= n <= 25_000
 
 
+def test_small_cnn_is_the_textbook_net_pooled_first() -> None:
+    """Its fast forward (pool before ReLU, channels-last) computes conv-ReLU-pool, the
+    same logits and gradients, also under vmap (the simulator's batched step)."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1, width=1)
+
+    def textbook(params, x):
+        x = F.max_pool2d(F.relu(F.conv2d(x, params["conv1.weight"], params["conv1.bias"])), 2)
+        x = F.max_pool2d(F.relu(F.conv2d(x, params["conv2.weight"], params["conv2.bias"])), 2)
+        x = F.adaptive_avg_pool2d(x, 4).flatten(1)
+        return F.linear(x, params["fc.weight"], params["fc.bias"])
+
+    def fast(params, x):
+        return functional_call(model, params, (x,))
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    assert torch.allclose(fast(params, x), textbook(params, x), atol=1e-6)
+    loss = {
+        f: (lambda p, x, y, f=f: F.cross_entropy(f(p, x[None]), y[None])) for f in (fast, textbook)
+    }
+    stacked = {k: v.expand(3, *v.shape).clone() for k, v in params.items()}
+    xs, ys = x[:3], y[:3]
+    got = vmap(grad(loss[fast]))(stacked, xs, ys)
+    want = vmap(grad(loss[textbook]))(stacked, xs, ys)
+    for k in params:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+        assert want[k].abs().sum() > 0, k
+
+
 def test_mlp_image_size() -> None:
     model = build_model("mlp", num_classes=10, in_channels=3, image_size=28)
     assert model(torch.randn(2, 3, 28, 28)).shape == (2, 10)
