@@ -21,6 +21,12 @@ else
   EXTRAS  = dev,analysis,mpich
   MPIEXEC ?= $(VENV)/bin/mpiexec
   PIPFLAGS =
+  # The PyPI MPICH runs where ranks outnumber cores (laptops, CI, 2-core VMs); there its
+  # shared-memory collectives spin and take the cores from the ranks still computing
+  # (C-SGD on 16 ranks over 2 cores: 64 samples/s, 464 without them). Set it yourself
+  # to override; `dsgd_mpi.run` warns when it is missing on an oversubscribed node.
+  MPIR_CVAR_DEVICE_COLLECTIVES ?= none
+  export MPIR_CVAR_DEVICE_COLLECTIVES
 endif
 export MPIEXEC
 

@@ -68,3 +68,31 @@ def threads_for(env: Mapping[str, str], affinities: Sequence[frozenset[int]]) ->
     sharing = 1 + sum(1 for other in affinities[1:] if other & mine)
     threads = max(1, len(mine) // sharing)
     return threads, f"{len(mine)} CPUs in this rank's affinity mask shared by {sharing} rank(s)"
+
+
+#: MPICH's switch for its device-level (shared-memory) collectives.
+MPICH_COLLECTIVES_VAR = "MPIR_CVAR_DEVICE_COLLECTIVES"
+
+
+def oversubscribed_mpich_hint(
+    env: Mapping[str, str], library: str, affinities: Sequence[frozenset[int]]
+) -> str | None:
+    """What to set when MPICH ranks outnumber their cores, or None.
+
+    MPICH's shared-memory collectives wait by spinning on flags; with more ranks
+    than cores the spinning ranks take the cores from the ranks still computing.
+    Measured here (16 ranks, 2 cores, the study's C-SGD cell): 64 samples/s, and
+    464 with ``MPIR_CVAR_DEVICE_COLLECTIVES=none`` (MPICH's generic collectives).
+    The variable is read at ``MPI_Init``, so it can only be advised, not set here.
+    """
+    if "MPICH" not in library.upper() or MPICH_COLLECTIVES_VAR in env:
+        return None
+    mine = affinities[0] if affinities else frozenset()
+    sharing = 1 + sum(1 for other in affinities[1:] if other & mine)
+    if not mine or sharing <= len(mine):
+        return None
+    return (
+        f"{sharing} ranks share {len(mine)} CPUs: MPICH's shared-memory collectives spin "
+        f"and run several times slower oversubscribed; export {MPICH_COLLECTIVES_VAR}=none "
+        "before mpiexec (make sets it)"
+    )

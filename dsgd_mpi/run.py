@@ -29,7 +29,7 @@ from dsgd_mpi.config import Config, ConfigError
 from dsgd_mpi.control import reference_maxima
 from dsgd_mpi.data import DataError, fetch_once, load
 from dsgd_mpi.flat import FlatError
-from dsgd_mpi.launch import launch_mismatch, threads_for
+from dsgd_mpi.launch import launch_mismatch, oversubscribed_mpich_hint, threads_for
 from dsgd_mpi.ranks import MpiGroup
 from dsgd_mpi.trainer import Trainer
 
@@ -188,7 +188,8 @@ def _device_and_port(
 ) -> tuple[torch.device, mpi.TensorPort]:
     """This rank's device and torch threads, and how its tensors reach MPI (logged with why)."""
     local_rank, local_size = mpi.node_local(comm)
-    threads, why = threads_for(os.environ, mpi.node_affinities(comm))
+    affinities = mpi.node_affinities(comm)  # collective: every rank calls it once
+    threads, why = threads_for(os.environ, affinities)
     torch.set_num_threads(threads)
     gpus = torch.cuda.device_count()
     if gpus and local_size > gpus and local_rank == 0:
@@ -201,6 +202,9 @@ def _device_and_port(
     if gpus:
         torch.cuda.set_device(device)
     log(f"torch threads per rank: {threads} ({why})")
+    hint = oversubscribed_mpich_hint(os.environ, mpi.library_version(), affinities)
+    if hint and local_rank == 0:
+        print(f"warning: {hint}", file=sys.stderr, flush=True)
     if device.type == "cpu":
         return device, mpi.TensorPort(device, staged=False)
     choice = cfg.gossip.device_buffers

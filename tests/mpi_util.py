@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dsgd_mpi.launch import MPICH_COLLECTIVES_VAR
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 #: Jobs started and not yet reaped: tests/conftest.py kills what a failed or timed-out
@@ -34,13 +36,20 @@ def mpiexec() -> str:
     return found
 
 
+#: Defaults a user's environment overrides: the tests oversubscribe 2 cores, where
+#: MPICH's spinning shared-memory collectives are several times slower (launch.py).
+RANK_ENV = {MPICH_COLLECTIVES_VAR: "none"}
+#: What every test rank gets whatever the environment says.
+PINNED_ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
     """Launch ``mpiexec -n n python -m mpi4py ARGS`` in its own process group; don't wait.
 
     ``args`` is a script path or ``-m module`` followed by its arguments.
     """
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**RANK_ENV, **os.environ, **PINNED_ENV, **(env or {})}
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -61,7 +70,7 @@ def start_mpmd(parts: list[tuple[str, list[str]]], env: dict | None = None) -> s
     for k, (wdir, args) in enumerate(parts):
         cmd += ([":"] if k else []) + ["-n", "1", "-wdir", wdir, sys.executable, "-m", "mpi4py",
                                       *args]  # fmt: skip
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**RANK_ENV, **os.environ, **PINNED_ENV, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=ROOT, start_new_session=True)  # fmt: skip
     LIVE.append(proc)

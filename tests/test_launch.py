@@ -58,6 +58,19 @@ def test_threads_respect_omp_num_threads_and_the_cpu_set():
     assert launch.threads_for({}, [frozenset({0})] * 4)[0] == 1  # never 0
 
 
+def test_oversubscribed_mpich_is_told_to_turn_off_its_spinning_collectives():
+    two = frozenset({0, 1})
+    mpich, ompi = "MPICH Version: 5.0.2", "Open MPI v5.0.5"
+    hint = launch.oversubscribed_mpich_hint({}, mpich, [two] * 16)
+    assert hint and "16 ranks share 2 CPUs" in hint and "MPIR_CVAR_DEVICE_COLLECTIVES=none" in hint
+    assert launch.oversubscribed_mpich_hint({}, mpich, [two] * 2) is None  # a core each
+    # Slurm tasks with their own CPUs do not share
+    assert launch.oversubscribed_mpich_hint({}, mpich, [frozenset({i}) for i in range(8)]) is None
+    assert launch.oversubscribed_mpich_hint({}, ompi, [two] * 16) is None  # not MPICH's switch
+    chosen = {"MPIR_CVAR_DEVICE_COLLECTIVES": "all"}  # the user decided
+    assert launch.oversubscribed_mpich_hint(chosen, mpich, [two] * 16) is None
+
+
 def test_cuda_awareness_is_asked_of_the_library_and_explained():
     aware, reason = comm.cuda_aware({})
     # The PyPI MPICH answers through MPIX_Query_cuda_support: built without CUDA.
