@@ -47,7 +47,8 @@ LIMITS = {
          "CIFAR-10 / ImageNet) are near the seed noise here. Every size has the same epochs "
          "and batch per worker (Kong's protocol), so n = 4 takes 4x the steps of n = 16. "
          "Two sizes only: n = 32 did not fit the hour. The MPI cells ran one seed (16 ranks on "
-         "2 cores take ~7 min a run), judged against the simulator cell's spread.",
+         "2 cores take ~2.5 min to start and ~4.5 min a run), judged against the simulator "
+         "cell's spread, which three seeds can underestimate (ring_n16: sd 0.03 pp).",
     "2": "The target is a fraction of the *largest* Xi^2 of the reference's phase 1, which "
          "comes from the first steps after warmup; later in the phase the uncontrolled "
          "distance sits well below it, so a 1/2 target binds on few steps (see 'held' and "
