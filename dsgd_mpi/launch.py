@@ -61,11 +61,10 @@ def threads_for(env: Mapping[str, str], affinities: Sequence[frozenset[int]]) ->
     explicit = env.get("OMP_NUM_THREADS", "").strip()
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit), f"OMP_NUM_THREADS={explicit}"
-    mine = affinities[0] if affinities else frozenset()
+    mine, sharing = _sharing(affinities)
     if not mine:
         cpus = os.cpu_count() or 1
         return cpus, f"{cpus} CPUs (no affinity mask)"
-    sharing = 1 + sum(1 for other in affinities[1:] if other & mine)
     threads = max(1, len(mine) // sharing)
     return threads, f"{len(mine)} CPUs in this rank's affinity mask shared by {sharing} rank(s)"
 
@@ -87,8 +86,7 @@ def oversubscribed_mpich_hint(
     """
     if "MPICH" not in library.upper() or MPICH_COLLECTIVES_VAR in env:
         return None
-    mine = affinities[0] if affinities else frozenset()
-    sharing = 1 + sum(1 for other in affinities[1:] if other & mine)
+    mine, sharing = _sharing(affinities)
     if not mine or sharing <= len(mine):
         return None
     return (
@@ -96,3 +94,9 @@ def oversubscribed_mpich_hint(
         f"and run several times slower oversubscribed; export {MPICH_COLLECTIVES_VAR}=none "
         "before mpiexec (make sets it)"
     )
+
+
+def _sharing(affinities: Sequence[frozenset[int]]) -> tuple[frozenset[int], int]:
+    """This rank's CPU set (first) and how many of the node's ranks overlap it, itself included."""
+    mine = affinities[0] if affinities else frozenset()
+    return mine, 1 + sum(1 for other in affinities[1:] if other & mine)

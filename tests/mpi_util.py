@@ -43,13 +43,18 @@ RANK_ENV = {MPICH_COLLECTIVES_VAR: "none"}
 PINNED_ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def _rank_env(env: dict | None) -> dict:
+    """The ranks' environment: defaults, then the user's, then the pinned values, then ``env``."""
+    return {**RANK_ENV, **os.environ, **PINNED_ENV, **(env or {})}
+
+
 def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
     """Launch ``mpiexec -n n python -m mpi4py ARGS`` in its own process group; don't wait.
 
     ``args`` is a script path or ``-m module`` followed by its arguments.
     """
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
-    full_env = {**RANK_ENV, **os.environ, **PINNED_ENV, **(env or {})}
+    full_env = _rank_env(env)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -70,7 +75,7 @@ def start_mpmd(parts: list[tuple[str, list[str]]], env: dict | None = None) -> s
     for k, (wdir, args) in enumerate(parts):
         cmd += ([":"] if k else []) + ["-n", "1", "-wdir", wdir, sys.executable, "-m", "mpi4py",
                                       *args]  # fmt: skip
-    full_env = {**RANK_ENV, **os.environ, **PINNED_ENV, **(env or {})}
+    full_env = _rank_env(env)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=ROOT, start_new_session=True)  # fmt: skip
     LIVE.append(proc)
