@@ -25,6 +25,7 @@ import torch
 from dsgd_mpi import assemble, checkpoint
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import config as config_mod
+from dsgd_mpi.allocator import keep_freed_memory
 from dsgd_mpi.config import Config, ConfigError
 from dsgd_mpi.control import reference_maxima
 from dsgd_mpi.data import DataError, fetch_once, load
@@ -206,6 +207,7 @@ def _device_and_port(
     if hint and local_rank == 0:
         print(f"warning: {hint}", file=sys.stderr, flush=True)
     if device.type == "cpu":
+        keep_freed_memory()  # big activations would page-fault on every step otherwise
         return device, mpi.TensorPort(device, staged=False)
     choice = cfg.gossip.device_buffers
     aware, reason = mpi.cuda_aware()

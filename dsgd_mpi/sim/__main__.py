@@ -18,6 +18,7 @@ import torch
 
 from dsgd_mpi import assemble, checkpoint
 from dsgd_mpi import config as config_mod
+from dsgd_mpi.allocator import keep_freed_memory
 from dsgd_mpi.config import ConfigError
 from dsgd_mpi.control import reference_maxima
 from dsgd_mpi.data import DataError, load
@@ -75,6 +76,8 @@ def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None)
     threads = 1 if mode == "reference" else threads_for(os.environ, [_cpus()])[0]
     torch.set_num_threads(threads)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # big activations would page-fault on every step otherwise
     d = cfg.data
     train, test = (
         load(d.name, d.root, train=split, download=d.download, synthetic_size=d.synthetic_size,
