@@ -46,7 +46,8 @@ SIM_BASE = {
 #: plain gossip, then an exact (all-reduce) phase for the last steps.
 SIM_CASES = {
     "ring": {"topology": {"name": "ring"}, "consensus": {"measure": "exact", "phases": [
-        {"target": "constant", "reference": 1e-4, "max_rounds": 3}]}},
+        {"target": "constant", "reference": 1e-4, "max_rounds": 3}]},
+        "metrics": {"sharpness_every": 100, "sharpness_samples": 48}},  # at the end: 12 a rank
     "matching": {"topology": {"name": "random_matching", "seed": 3}, "consensus": {"phases": [
         {"target": "none", "until_epoch": 1.5}, {"target": "exact"}]}},
 }  # fmt: skip

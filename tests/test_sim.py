@@ -68,6 +68,11 @@ def test_reference_simulation_is_the_mpi_run_bit_for_bit(mpi_and_sim):
     me, re_ = _rows(mpi, "ring", "eval"), _rows(ref, "ring", "eval")
     for field in ("test_acc", "local_acc_min", "local_acc_max", "ensemble_acc"):
         np.testing.assert_allclose(me[field], re_[field], rtol=1e-6, err_msg=field)
+    # Sharpness at the end: each rank's HVPs reduced (MPI) vs the replicas' samples
+    # batched into one operator (the simulator): the same Hessian, summed in another order.
+    for field in ("sharpness_lambda_max", "sharpness_trace"):
+        assert np.isfinite(me[field][-1]) and me[field][-1] != 0, field
+        np.testing.assert_allclose(me[field][-1], re_[field][-1], rtol=1e-3, err_msg=field)
 
 
 @pytest.mark.mpi

@@ -133,17 +133,18 @@ class Evaluator:
         subset = Split(split.images[chosen.to(split.images.device)],
                        split.labels[chosen.to(split.labels.device)])  # fmt: skip
         xbar.eval()  # the BN policy's statistics, no updates
-        local = [
-            hvp_fn(xbar, list(self._batches((subset, info), rank, self.group.size,
-                                            SHARPNESS_BATCH)))
-            for rank in self.group.ranks
-        ]  # fmt: skip
+        # x̄ is one model for all of this process's replicas, so their shares of the
+        # subset make one operator, batched anew: the simulator's 16 replicas take one
+        # product over 256 samples, not 16 over 16 (~1.5x less CPU per product).
+        shares = [b for rank in self.group.ranks
+                  for b in self._batches((subset, info), rank, self.group.size)]  # fmt: skip
+        local = hvp_fn(xbar, _rebatched(shares, SHARPNESS_BATCH))
         params = [p for p in xbar.parameters() if p.requires_grad]
         dim = sum(p.numel() for p in params)
         out = torch.empty(dim, device=self.device)
 
-        def op(v: torch.Tensor) -> torch.Tensor:
-            return self.group.sum_([h(v) for h in local], out, identical=True) / total
+        def op(v: torch.Tensor) -> torch.Tensor:  # one part: the sum over this process's shares
+            return self.group.sum_([local(v)], out, identical=True) / total
 
         vectors = generator(Stream.SHARPNESS, self.cfg.run.seed, step)
         lam, power_iters = power_iteration(op, dim, generator=vectors, tol=POWER_TOL,
@@ -153,3 +154,10 @@ class Evaluator:
         return dict(sharpness_lambda_max=lam, sharpness_trace=trace,
                     sharpness_power_iters=power_iters, sharpness_trace_iters=trace_iters)
 
+
+def _rebatched(batches: list, size: int) -> list:
+    """The samples of ``batches`` (image, label pairs) in batches of at most ``size``."""
+    if not batches:  # this rank holds none of the subset: its operator is 0
+        return []
+    images, labels = (torch.cat([b[k] for b in batches]) for k in (0, 1))
+    return list(zip(images.split(size), labels.split(size), strict=True))
