@@ -2,7 +2,7 @@
 
     python -m studies.consensus.generate            # configs/study/{fmnist,cifar10}/, sweeps
     python -m studies.consensus.generate --quick D  # the smoke grid (a few steps) into D/
-    python -m studies.consensus.generate [--quick D] --avg-sam RUNS   # claim 9's plan, in RUNS/
+    python -m studies.consensus.generate [--quick D] --avg-sam RUNS [--seed S]  # claim 9's plans
 
 One YAML per cell (an experiment without its seed) and one plan per backend and
 world size: ``plan_sim_nN_sS.txt`` per seed (``python -m dsgd_mpi.study --sim N``) and
@@ -360,9 +360,9 @@ def mean_distance(path: str) -> float:
     return float(exact.mean())
 
 
-def avg_sam_plans(s: dict, runs: str) -> dict[str, str]:
-    """Claim 9's plans, one per seed (file name -> text): C-SGD + avg-SAM at the mean
-    distance of that seed's D-SGD run.
+def avg_sam_plans(s: dict, runs: str, seeds: tuple[int, ...] | None = None) -> dict[str, str]:
+    """Claim 9's plans, one per seed (file name -> text; ``seeds``: these only, else the
+    grid's): C-SGD + avg-SAM at the mean distance of that seed's D-SGD run.
 
     The perturbation's total variance is the whole-run mean of the exact
     distance of ``zhu_lb_ring`` of the same seed (read from ``runs``), fixed
@@ -371,7 +371,7 @@ def avg_sam_plans(s: dict, runs: str) -> dict[str, str]:
     n = s["big"]
     cell = next(c for c in cells(s) if c.stage == 2)
     plans = {}
-    for seed in s["seeds"]:
+    for seed in s["seeds"] if seeds is None else seeds:
         xi2 = mean_distance(f"{runs}/zhu_lb_ring_n{n}_s{seed}.h5")
         line = f"{plan_line(s, cell, 'sim', seed)} optim.perturb_xi2={xi2:.6g}"
         name = plan_name("avgsam", n, seed)
@@ -386,13 +386,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(runs in DIR/runs) instead of configs/study")  # fmt: skip
     parser.add_argument("--avg-sam", metavar="RUNS", help="write claim 9's plan to "
                         "RUNS/plan_avgsam_nN_sS.txt from the finished D-SGD runs in RUNS")
+    parser.add_argument("--seed", type=int, action="append", help="with --avg-sam: this "
+                        "seed's plan only (repeatable); default every seed of the grid")
     args = parser.parse_args(argv)
     grid = FMNIST
     if args.quick:
         grid = {**QUICK, "configs": f"{args.quick}/configs", "out": f"{args.quick}/runs"}
     if args.avg_sam:
         try:
-            plans = avg_sam_plans({**grid, "out": args.avg_sam}, args.avg_sam)
+            seeds = None if args.seed is None else tuple(args.seed)
+            plans = avg_sam_plans({**grid, "out": args.avg_sam}, args.avg_sam, seeds)
         except (OSError, KeyError, ValueError) as exc:
             print(f"generate error: {exc}", file=sys.stderr)
             return 2
