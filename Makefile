@@ -91,19 +91,17 @@ else
 endif
 # Simulator plans (one per world size and seed) run STUDY_JOBS at a time, one thread each:
 # on CPU two single-thread processes train ~2x faster than one process with two threads.
-# Largest plan first; a seed's claim-9 run follows its "_other" plan (sim_plan.sh).
+# Largest plan first; a seed's claim-9 run follows its "_other" plan; the MPI plans are
+# the last job, one after the other, beside the last simulator plans (run_plans.sh).
 STUDY_JOBS ?= $(shell nproc)
-SIM_PLANS = xargs -P $(STUDY_JOBS) -I{} studies/consensus/sim_plan.sh $(PY) {} $(STUDY) \
+PLANS = xargs -P $(STUDY_JOBS) -I{} studies/consensus/run_plans.sh $(PY) {} $(STUDY) \
   $(FMNIST) $(STUDY_GEN)
 study: $(STAMP) data
 	@mkdir -p $(STUDY) && date +%s > $(STUDY)/.started
 	@status=0; \
 	if [ -n "$(STUDY_GEN)" ]; then $(PY) -m studies.consensus.generate $(STUDY_GEN) || exit $$?; fi; \
-	ls -1S $(STUDY_CFG)/plan_sim_n*.txt | $(SIM_PLANS) || status=$$?; \
-	for plan in $(STUDY_CFG)/plan_mpi_n*.txt; do \
-	  n=$${plan##*_n}; n=$${n%.txt}; \
-	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m dsgd_mpi.study $$plan data.root=$(FMNIST) || status=$$?; \
-	done; \
+	{ ls -1S $(STUDY_CFG)/plan_sim_n*.txt; echo $(STUDY_CFG)/plan_mpi_n*.txt; } | $(PLANS) \
+	  || status=$$?; \
 	$(PY) -m dsgd_mpi.analyze $(STUDY)/*.h5 --out $(STUDY_DOCS)/study/analyze > /dev/null || status=$$?; \
 	took=$$(( $$(date +%s) - $$(cat $(STUDY)/.started) )); \
 	$(PY) -m studies.consensus.report $(STUDY)/*.h5 --out $(STUDY_DOCS) \
