@@ -153,6 +153,30 @@ class SmallCNN(nn.Module):
         x = F.relu(F.max_pool2d(_channels_last(self.conv2(x)), 2))
         return self.fc(self.pool(x).flatten(1))
 
+    def forward_stacked(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of N replicas at once (the simulator's fast mode).
+
+        ``params[name]`` holds the N replicas' values (N, *shape), ``x`` their
+        batches (N, B, C, H, W); returns logits (N, B, classes). The replicas'
+        channels sit side by side in grouped convolutions (one group a replica)
+        and one batched matmul: the step without ``vmap``'s per-operator
+        dispatch, which dominates at small batches (4 replicas x 4 samples:
+        ~1.5x faster).
+        """
+        n, b = x.shape[:2]
+
+        def conv(x: torch.Tensor, name: str) -> torch.Tensor:
+            w = params[f"{name}.weight"]
+            bias = params[f"{name}.bias"].reshape(-1)
+            return F.conv2d(x, w.reshape(-1, *w.shape[2:]), bias, groups=n)
+
+        x = x.transpose(0, 1).flatten(1, 2)  # (B, N*C, H, W): replica-major channels
+        x = F.relu(F.max_pool2d(_channels_last(conv(x, "conv1")), 2))
+        x = F.relu(F.max_pool2d(_channels_last(conv(x, "conv2")), 2))
+        x = self.pool(x).reshape(b, n, -1).transpose(0, 1)  # (N, B, C2 * 16)
+        weight, bias = params["fc.weight"], params["fc.bias"]
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` (N, C, H, W) with channels-last strides; by permutes because ``vmap``

@@ -76,16 +76,42 @@ class FastReplicas:
         self._buffers = self._stack_buffers(models, stack)
         self._streams: list[Iterator] = []
 
+        # A model that can run its replicas side by side itself (no buffers to carry)
+        # does; any other is vmapped.
+        stacked = getattr(template, "forward_stacked", None)
+        self.stacked = stacked is not None and not self._buffers
+        self._step = self._stacked_step(stacked) if self.stacked else self._vmapped_step(template)
+
+    def _vmapped_step(self, template: torch.nn.Module):
         def loss(params, buffers, images, labels):
-            named, offset = {}, 0
-            for name, shape in self._slots:
-                size = int(np.prod(shape))
-                named[name] = params[offset : offset + size].view(shape)
-                offset += size
-            logits = functional_call(template, (named, buffers), (images,))
+            logits = functional_call(template, (self._named(params), buffers), (images,))
             return F.cross_entropy(logits, labels), logits
 
-        self._step = vmap(grad_and_value(loss, has_aux=True))
+        return vmap(grad_and_value(loss, has_aux=True))
+
+    def _named(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's parameters as views of flat rows (..., measured): (..., *shape) each."""
+        named, offset = {}, 0
+        for name, shape in self._slots:
+            size = int(np.prod(shape))
+            named[name] = params[..., offset : offset + size].view(*params.shape[:-1], *shape)
+            offset += size
+        return named
+
+    def _stacked_step(self, forward):
+        """The vmapped step's contract with the model's own ``forward_stacked``: one graph
+        for all replicas; their losses are independent, so the gradient of their sum
+        is every replica's own gradient."""
+
+        def step(params, buffers, images, labels):
+            leaf = params.detach().requires_grad_()
+            logits = forward(self._named(leaf), images)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            loss = loss.view(labels.shape).mean(dim=1)
+            (grads,) = torch.autograd.grad(loss.sum(), leaf)
+            return grads, (loss.detach(), logits.detach())
+
+        return step
 
     def _stack_buffers(self, models, stack) -> dict[str, torch.Tensor]:
         """Every replica's buffers as one (N, ...) tensor each; the modules keep views of it.
