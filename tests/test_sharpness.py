@@ -137,6 +137,25 @@ def test_hvp_of_split_batches_adds_up() -> None:
     assert whole.abs().max() > 0
 
 
+def test_kept_graphs_give_the_same_products_with_one_forward_pass_a_batch() -> None:
+    """keep_graphs: every product equals the recomputing operator's, bit for bit, and
+    the model's forward runs once per batch for all of them (not once per product)."""
+    model = _mlp()
+    batches = _class_batches([8, 5], seed=8)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    recompute, kept = hvp_fn(model, batches), hvp_fn(model, batches, keep_graphs=True)
+    dim = sum(p.numel() for p in model.parameters())
+    for seed in range(3):
+        v = torch.randn(dim, generator=_gen(seed))
+        before = len(calls)
+        expected = recompute(v)
+        assert len(calls) - before == len(batches)
+        assert torch.equal(kept(v), expected)
+    assert len(calls) == 3 * len(batches) + len(batches)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_hvp_under_no_grad_leaves_grads_alone() -> None:
     """Evaluation code runs under no_grad; the products must still work and not touch .grad."""
     model = _mlp()

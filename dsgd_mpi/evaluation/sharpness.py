@@ -48,6 +48,7 @@ def hvp_fn(
     batches: Iterable[Batch],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
     params: Sequence[nn.Parameter] | None = None,
+    keep_graphs: bool = False,
 ) -> Operator:
     """Return v -> sum over ``batches`` of H_b v, H_b the Hessian of ``loss(model(x), y)``.
 
@@ -65,6 +66,13 @@ def hvp_fn(
     The caller puts the model in eval mode (see the module docstring). Gradients
     are enabled inside even if the caller runs under ``torch.no_grad()``, and
     ``.grad`` of the parameters is left untouched.
+
+    ``keep_graphs=True`` trades that memory for time: each batch's gradient
+    graph is built by the first product and kept, so a later product is the
+    second backward pass alone (small CNN, 256 samples: 0.35 s a product
+    instead of 0.58, the same numbers). The operator then holds every batch's
+    double-backward graph until it is dropped, and the model must not change
+    while it is in use.
     """
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params:
@@ -74,6 +82,12 @@ def hvp_fn(
     dim = sum(sizes)
     device = params[0].device
 
+    graphs: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        value = loss(model(x), y)
+        return torch.autograd.grad(value, params, create_graph=True, materialize_grads=True)
+
     def hvp(v: torch.Tensor) -> torch.Tensor:
         if v.shape != (dim,):
             raise ValueError(f"v must be a flat vector of {dim} entries, got {tuple(v.shape)}")
@@ -81,15 +95,15 @@ def hvp_fn(
         vs = [part.view_as(p) for part, p in zip(parts, params, strict=True)]
         out = torch.zeros(dim, dtype=torch.float32, device=device)
         with torch.enable_grad():
-            for x, y in held:
-                value = loss(model(x), y)
-                grads = torch.autograd.grad(
-                    value, params, create_graph=True, materialize_grads=True
-                )
+            for i, (x, y) in enumerate(held):
+                grads = graphs[i] if i in graphs else gradient(x, y)
+                if keep_graphs:
+                    graphs[i] = grads
                 dot = sum((g * u).sum() for g, u in zip(grads, vs, strict=True))
                 if not dot.requires_grad:  # gradient constant in the parameters: H = 0 here
                     continue
-                hv = torch.autograd.grad(dot, params, materialize_grads=True)
+                hv = torch.autograd.grad(dot, params, retain_graph=keep_graphs,
+                                         materialize_grads=True)  # fmt: skip
                 offset = 0
                 for h, n in zip(hv, sizes, strict=True):
                     out[offset : offset + n] += h.reshape(-1)
