@@ -4,10 +4,10 @@ Every replica's parameters are a row of one N x d buffer (each replica's own
 module still sees its row through views, for evaluation and checkpoints). One
 step is one batched forward/backward (the model's own ``forward_stacked``
 where it has one, else ``torch.func.vmap`` over ``functional_call`` with the
-stacked parameters, BatchNorm buffers and batches), one optimizer step on the whole stack (every optimizer operation is
-elementwise), and gossip rounds on the stack: ``X' = X + sum_k w_k (X[p_k] -
-X)`` with one gather per exchange slot, the measures of all replicas in the
-same few whole-stack operations.
+stacked parameters, BatchNorm buffers and batches), one optimizer step on the
+whole stack (every optimizer operation is elementwise), and gossip rounds on
+the stack: ``X' = X + sum_k w_k (X[p_k] - X)`` with one gather per exchange
+slot, the measures of all replicas in the same few whole-stack operations.
 
 Agreement with the reference mode is to float rounding (batched kernels sum
 in their own order), not bit for bit.
