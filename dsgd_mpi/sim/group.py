@@ -149,7 +149,7 @@ class SimMixer:
         rows = np.zeros((n, 2))
         for i, x in enumerate(self.flats):
             d = avg[:m] - x[:m]
-            rows[i, 0] = float(torch.dot(d, d))
+            rows[i, 0] = float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
             x.copy_(avg)
         self.bytes_last_round = 4 * self.flats[0].numel()
         return rows
