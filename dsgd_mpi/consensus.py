@@ -19,6 +19,7 @@ stay out of every distance.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -42,12 +43,23 @@ class Communication:
     rounds: int = 0
     estimate: float = math.nan
     measured: float = math.nan
+    """What the target was compared with (NaN where no target was: an exact average)."""
     target: float = math.nan
     bytes_sent: int = 0
     time_gossip: float = 0.0
     time_allreduce: float = 0.0
     exact_phase: bool = False
-    """Averaged by Allreduce (C-SGD): the distance after it is 0 and the bound is moot."""
+    """Averaged by Allreduce (C-SGD): the bound is moot."""
+    distance: float = math.nan
+    """Xi^2 of the replicas as this communication left them, when the measure computed it."""
+
+    def then(self, later: Communication) -> Communication:
+        """This step's communication followed by ``later``: costs add, the rest is later's."""
+        return dataclasses.replace(
+            later, rounds=self.rounds + later.rounds, bytes_sent=self.bytes_sent + later.bytes_sent,
+            time_gossip=self.time_gossip + later.time_gossip,
+            time_allreduce=self.time_allreduce + later.time_allreduce,
+        )  # fmt: skip
 
 
 class Diverged(FloatingPointError):
@@ -130,21 +142,33 @@ class Consensus:
                                               self.replicas.measured)  # fmt: skip
         return self._averager
 
+    def averages(self, phase: PhaseSpan) -> bool:
+        """Whether ``phase`` communicates by an exact average (C-SGD): an ``exact`` phase,
+        or any phase on ``complete``."""
+        return phase.target == "exact" or self.topology.is_allreduce
+
+    def average(self, target: float = 0.0) -> Communication:
+        """Every replica becomes x̄ (one Allreduce). The estimate is the round's movement;
+        no target is compared, so ``measured`` is the estimate only under that measure."""
+        t0 = time.perf_counter()
+        rows = self.averager.round()
+        t1 = time.perf_counter()
+        estimate = float(self.group.sum(rows[:, :1])[0]) / self.n
+        measured = estimate if self.measure.name == "estimate" else math.nan
+        return Communication(
+            rounds=1, estimate=estimate, measured=measured, target=target,
+            bytes_sent=self.averager.bytes_last_round, time_gossip=t1 - t0,
+            time_allreduce=time.perf_counter() - t1, exact_phase=True,
+        )  # fmt: skip
+
     def communicate(self, phase: PhaseSpan, target: float, step: int = 0) -> Communication:
         """Gossip until the measured distance meets ``target`` or the phase's rounds are spent.
 
         ``exact`` phases and ``complete`` average by Allreduce: one round is exact.
         """
-        exact = phase.target == "exact" or self.topology.is_allreduce
-        out = Communication(target=target, exact_phase=exact)
-        if exact:
-            t0 = time.perf_counter()
-            rows = self.averager.round()
-            t1 = time.perf_counter()
-            out.estimate = float(self.group.sum(rows[:, :1])[0]) / self.n
-            out.measured, out.rounds, out.bytes_sent = 0.0, 1, self.averager.bytes_last_round
-            out.time_gossip, out.time_allreduce = t1 - t0, time.perf_counter() - t1
-            return out
+        if self.averages(phase):
+            return self.average(target)
+        out = Communication(target=target)
         max_rounds = 1 if phase.target == "none" else phase.max_rounds
         t0 = time.perf_counter()
         self.measure.begin(step)
@@ -162,7 +186,10 @@ class Consensus:
                 raise Diverged(f"consensus estimate {out.estimate}, {self.measure.name} "
                                f"{out.measured}")  # fmt: skip
             if out.rounds >= max_rounds or out.measured <= target:
-                return out
+                break
+        if self.measure.name == "exact":
+            out.distance = out.measured  # of the replicas as the last round left them
+        return out
 
     def exact_distance(self) -> float:
         """Xi^2 over all replicas' parameters (a full-vector reduction; collective)."""

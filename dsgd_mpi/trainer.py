@@ -78,30 +78,45 @@ class Trainer:
         return self.last_eval
 
     def train_step(self) -> None:
-        """One step: gradients, update and gossip until the phase's target, a log row when due.
+        """One step: gradients, update and communication, a log row when due.
 
-        ``gossip.order``: local_first mixes the updated parameters (Kong et al.);
-        gossip_first mixes x^t and then applies the gradient taken at x^t (Zhu et al.).
+        D-SGD: local_first mixes the updated parameters (Kong et al.); gossip_first
+        mixes x^t, then applies the gradient taken at x^t (Zhu et al.). C-SGD (an
+        exact phase, or complete), in either order: the replicas agree before the
+        gradient (an average first, if gossip was the last communication), so every
+        gradient is taken at x̄; the average after the update makes them agree again.
         """
         phase, lr = self.timeline.phase(self.step), self.timeline.lr(self.step)
         communicating = (self.step + 1) % self.cfg.gossip.local_steps == 0
-        first = communicating and self.cfg.gossip.order == "gossip_first"
+        averaging = communicating and self.consensus.averages(phase)
+        first = communicating and not averaging and self.cfg.gossip.order == "gossip_first"
         t0 = time.perf_counter()
+        stats = Communication()
+        if averaging and not self._agreeing(self.step):
+            stats = self.consensus.average()
         adaptive = self.policy.needs_gradient_norm(phase)
         self.replicas.gradients(self.step, grad_norm=adaptive)
         if adaptive:  # the target must be the same on every replica: reduce first
             self.policy.observe(phase, float(self.group.sum(self.replicas.grad_sq())[0]) / self.n)
-        comm = Communication()
         if first:
-            comm = self.communicate(phase, self.policy.target(phase, lr))
+            stats = stats.then(self.communicate(phase, self.policy.target(phase, lr)))
         self.replicas.apply(lr)
         if communicating and not first:
-            comm = self.communicate(phase, self.policy.target(phase, lr))
-        time_compute = time.perf_counter() - t0 - comm.time_gossip - comm.time_allreduce
+            stats = stats.then(self.communicate(phase, self.policy.target(phase, lr)))
+        elif first:
+            stats.distance = math.nan  # the update moved the replicas since it was measured
+        time_compute = time.perf_counter() - t0 - stats.time_gossip - stats.time_allreduce
         self.step += 1
-        self._account(comm, time_compute)
+        self._account(stats, time_compute)
         if self._row_due():
-            self.log_step(self.timeline.epoch(self.step - 1), phase.index, lr, comm, time_compute)
+            self.log_step(self.timeline.epoch(self.step - 1), phase.index, lr, stats, time_compute)
+
+    def _agreeing(self, step: int) -> bool:
+        """Whether the replicas' last communication before ``step`` made them equal: an
+        exact average, or none yet (they start equal). Local steps since then are local
+        SGD's own drift. A function of the step, so a resumed run decides the same."""
+        last = step // self.cfg.gossip.local_steps * self.cfg.gossip.local_steps - 1
+        return last < 0 or self.consensus.averages(self.timeline.phase(last))
 
     def communicate(self, phase: schedule.PhaseSpan, target: float) -> Communication:
         try:
@@ -146,21 +161,21 @@ class Trainer:
         return self.step % max(1, round(every_epochs * self.spe)) == 0
 
     # -- measurement -----------------------------------------------------------
-    def _account(self, comm: Communication, time_compute: float) -> None:
-        self.totals["gossip_rounds"] += comm.rounds
-        self.totals["bytes_sent"] += comm.bytes_sent
+    def _account(self, stats: Communication, time_compute: float) -> None:
+        self.totals["gossip_rounds"] += stats.rounds
+        self.totals["bytes_sent"] += stats.bytes_sent
         self.totals["time_compute"] += time_compute
-        self.totals["time_gossip"] += comm.time_gossip
-        self.totals["time_allreduce"] += comm.time_allreduce
+        self.totals["time_gossip"] += stats.time_gossip
+        self.totals["time_allreduce"] += stats.time_allreduce
 
-    def log_step(self, epoch: float, phase: int, lr: float, comm: Communication,
+    def log_step(self, epoch: float, phase: int, lr: float, stats: Communication,
                  time_compute: float) -> None:  # fmt: skip
         every = self.cfg.metrics.exact_every
         exact = math.nan
         if every and self.step % every == 0:
             t0 = time.perf_counter()
-            exact = self._exact_distance(comm)
-            comm.time_allreduce += time.perf_counter() - t0
+            exact = self._exact_distance(stats)
+            stats.time_allreduce += time.perf_counter() - t0
             self.totals["time_allreduce"] += time.perf_counter() - t0
         sums = self.group.sum(self.replicas.take_sums())  # since the last row
         loss, acc = sums[0] / max(sums[2], 1), sums[1] / max(sums[2], 1)
@@ -169,13 +184,13 @@ class Trainer:
                 f"non-finite training loss {loss} by step {self.step}. "
                 f"Last good checkpoint: {self._last_good()}"
             )
-        bound = math.nan if comm.exact_phase else self.consensus.bound(comm.estimate)
+        bound = math.nan if stats.exact_phase else self.consensus.bound(stats.estimate)
         row = dict(
             step=self.step, epoch=epoch, phase=phase, lr=lr, train_loss=loss, train_acc=acc,
-            consensus_estimate=comm.estimate, consensus_measured=comm.measured,
-            consensus_exact=exact, consensus_bound=bound, gossip_rounds=comm.rounds,
-            target=comm.target, bytes_sent=comm.bytes_sent, time_compute=time_compute,
-            time_gossip=comm.time_gossip, time_allreduce=comm.time_allreduce,
+            consensus_estimate=stats.estimate, consensus_measured=stats.measured,
+            consensus_exact=exact, consensus_bound=bound, gossip_rounds=stats.rounds,
+            target=stats.target, bytes_sent=stats.bytes_sent, time_compute=time_compute,
+            time_gossip=stats.time_gossip, time_allreduce=stats.time_allreduce,
             **{f"{k}_total": v for k, v in self.totals.items()},
         )  # fmt: skip
         self.writer.log_step(row)
@@ -183,17 +198,15 @@ class Trainer:
         name = {"estimate": "e2", "exact": "Xi2", "sketch": "Xi2~"}[self.consensus.measure.name]
         self.log(
             f"epoch {epoch:6.2f}  step {self.step:>6}/{self.total_steps}  loss {loss:.4f}  "
-            f"acc {100 * acc:5.1f}%  {name} {comm.measured:.3e}  rounds {comm.rounds}  "
+            f"acc {100 * acc:5.1f}%  {name} {stats.measured:.3e}  rounds {stats.rounds}  "
             f"lr {lr:.4f}  {rate:,.0f} samples/s"
         )
 
-    def _exact_distance(self, comm: Communication) -> float:
-        """Xi^2 after this step's communication; free when the loop measured it."""
-        if comm.exact_phase:
-            return 0.0
-        last_was_exact = self.consensus.measure.name == "exact"
-        if comm.rounds and last_was_exact and self.cfg.gossip.order == "local_first":
-            return comm.measured  # the loop's last measurement is after this step's update
+    def _exact_distance(self, stats: Communication) -> float:
+        """Xi^2 of the replicas as this step left them: measured by the gossip loop when its
+        last round was the step's last change, else one full-vector reduction now."""
+        if math.isfinite(stats.distance):
+            return stats.distance
         return self.consensus.exact_distance()
 
     def _samples_per_second(self) -> float:

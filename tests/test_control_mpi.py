@@ -25,10 +25,12 @@ def test_constant_target_is_met_or_the_round_budget_spent_and_tighter_costs_more
 
 
 @pytest.mark.mpi
-def test_exact_phase_leaves_no_consensus_distance(shared):
-    s = shared.table("exact")
-    assert (s["consensus_exact"] == 0).all()
-    assert (s["gossip_rounds"] == 1).all()
+def test_exact_phase_leaves_the_replicas_equal_to_rounding(shared):
+    """Measured, not written: finite, and far below the same recipe's D-SGD distance."""
+    exact, dsgd = shared.table("exact")["consensus_exact"], shared.table("reference")
+    assert np.isfinite(exact).all() and (exact >= 0).all()
+    assert exact.max() < 1e-6 * dsgd["consensus_exact"].min()
+    assert (shared.table("exact")["gossip_rounds"] == 1).all()
 
 
 def test_adaptive_target_is_factor_times_lr_squared_times_the_gradient_ema():

@@ -45,8 +45,9 @@ def measured_runs(request, tmp_path_factory):
 @pytest.mark.mpi
 def test_exact_control_meets_the_target_or_spends_the_rounds(measured_runs):
     (s,) = [v for (_, m), v in measured_runs.items() if m == "exact"]
+    # consensus_exact here is what the loop measured (it ends the step); that it is the
+    # replicas' own distance is checked from gathered parameters in train_invariants.py.
     exact, target, rounds = s["consensus_exact"], s["target"], s["gossip_rounds"]
-    np.testing.assert_allclose(s["consensus_measured"], exact, rtol=1e-12)  # what was compared
     met = exact <= target * (1 + 1e-9)
     assert (met | (rounds == MAX_ROUNDS)).all(), "a step stopped above target with rounds left"
     assert met.any() and (rounds > 1).any()  # the test bites: the target binds

@@ -61,10 +61,14 @@ def test_same_seed_same_loss_trajectory(shared):
 
 
 @pytest.mark.mpi
-def test_step_invariants(tmp_path):
-    out = check_ranks(4, ["tests/mpi/train_invariants.py", "complete,ring_lr0",
-                          _config(tmp_path)], timeout=240)  # fmt: skip
-    assert "ok complete" in out and "ok ring_lr0" in out
+def test_step_invariants_and_instruments_against_numpy(tmp_path):
+    """C-SGD steps, gossip at lr 0, every logged distance recomputed from the gathered
+    parameters, C-SGD = single-model SGD in both orders (tests/mpi/train_invariants.py)."""
+    modes = ("complete", "ring_lr0", "distances", "csgd")
+    out = check_ranks(4, ["tests/mpi/train_invariants.py", ",".join(modes), _config(tmp_path),
+                          str(tmp_path / "instruments")], timeout=300)  # fmt: skip
+    for mode in modes:
+        assert f"ok {mode}" in out, out
 
 
 @pytest.mark.mpi

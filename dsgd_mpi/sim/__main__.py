@@ -24,6 +24,7 @@ from dsgd_mpi.control import reference_maxima
 from dsgd_mpi.data import DataError, load
 from dsgd_mpi.launch import threads_for
 from dsgd_mpi.sim.group import SimGroup
+from dsgd_mpi.trainer import Trainer
 
 EXIT_BAD_INPUT, EXIT_STOPPED = 2, 3
 
@@ -68,8 +69,9 @@ def run_config(path: str | None, overrides: list[str], workers: int, mode: str =
         return EXIT_BAD_INPUT
 
 
-def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None) -> int:
-    log = lambda message: print(message, flush=True)  # noqa: E731
+def build(cfg, workers: int, mode: str = "fast", reference: dict | None = None,
+          resume: int | None = None, log=print) -> Trainer:  # fmt: skip
+    """Every replica of the run in this process, wired into a trainer (``run.build``'s twin)."""
     # The reference mode must compute what an MPI rank computes, which runs one
     # thread when oversubscribed (and torch's CPU kernels may sum differently per
     # thread count); the fast mode takes the CPUs it is given.
@@ -84,6 +86,7 @@ def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None)
              seed=cfg.run.seed)  # fmt: skip
         for split in (True, False)
     )
+    group = SimGroup(workers)
     ranks = list(group.ranks)
     if mode == "reference":
         replicas = assemble.make_replicas(cfg, ranks, group.size, train, device)
@@ -95,13 +98,20 @@ def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None)
     attrs = assemble.run_attrs(cfg, group.size, "sim", "none")
     attrs["sim_mode"] = mode
     trainer = assemble.make_trainer(cfg, group, replicas, train, test, device, attrs=attrs,
-                                    reference=reference, resume_step=resume, log=log)  # fmt: skip
-    path = assemble.run_path(cfg)
+                                    reference=reference or {}, resume_step=resume,
+                                    log=log)  # fmt: skip
     log(
         f"dsgd_mpi.sim ({mode}): {group.size} replicas, {cfg.topology.name}, {cfg.model.name} "
         f"({replicas.measured:,} params) on {d.name}, {trainer.spe} steps/epoch, {device}, "
-        f"{threads} thread(s), metrics -> {path}"
+        f"{threads} thread(s), metrics -> {assemble.run_path(cfg)}"
     )
+    return trainer
+
+
+def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None) -> int:
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    trainer = build(cfg, group.size, mode, reference, resume, log)
+    path = assemble.run_path(cfg)
     try:
         result = trainer.run()
     finally:
