@@ -8,7 +8,12 @@ import pytest
 
 from dsgd_mpi.sim.__main__ import build
 from tests.instruments import (
-    CSGD, CSGD_STEPS, PHASED, assert_distances_match, config, logged_and_recomputed,
+    CSGD,
+    CSGD_STEPS,
+    PHASED,
+    assert_distances_match,
+    config,
+    logged_and_recomputed,
     single_model_sgd,
 )  # fmt: skip
 

@@ -22,7 +22,12 @@ from mpi4py import MPI
 from dsgd_mpi.config import load_config
 from dsgd_mpi.run import build
 from tests.instruments import (
-    CSGD, CSGD_STEPS, PHASED, assert_distances_match, config, logged_and_recomputed,
+    CSGD,
+    CSGD_STEPS,
+    PHASED,
+    assert_distances_match,
+    config,
+    logged_and_recomputed,
     single_model_sgd,
 )  # fmt: skip
 
