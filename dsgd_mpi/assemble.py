@@ -9,6 +9,7 @@ built here, the same way for both.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 import h5py
 import torch
 
-from dsgd_mpi import checkpoint, schedule
+from dsgd_mpi import checkpoint, control, schedule
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
 from dsgd_mpi.control import TargetPolicy
@@ -118,8 +119,12 @@ def make_replicas(
 
 
 def run_attrs(cfg: Config, world_size: int, backend: str, mpi_version: str) -> dict[str, object]:
-    """The root attributes of a run file (DESIGN.md "HDF5 layout")."""
+    """The root attributes of a run file (DESIGN.md "HDF5 layout"), with the unit of
+    ``/steps/target`` and each phase's target in words."""
+    measure = cfg.consensus.measure
     return {
+        "target_unit": control.target_unit(measure),
+        "phase_targets": json.dumps([control.describe(s, measure) for s in schedule.phases(cfg)]),
         "config": config_mod.to_yaml(cfg), "version": __version__, "git": git_describe(),
         "mpi": mpi_version, "torch": torch.__version__, "world_size": world_size,
         "topology": cfg.topology.name, "backend": backend,

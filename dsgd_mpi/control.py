@@ -6,10 +6,15 @@ from the config, from a reference file read by rank 0 and broadcast, or reduced
 over ranks before it arrives.
 
     none      inf: one round per step
-    constant  factor * reference  (a number, or the phase's largest distance
-              in an uncontrolled reference run's HDF5 file)
+    constant  factor^2 * reference  (Kong's unit: Xi <= factor * Xi_max), or with
+              factor_unit: squared, factor * reference; the reference is a number
+              or the phase's largest value of the measure over every step of an
+              uncontrolled reference run's HDF5 file, in the measure's squared unit
     adaptive  factor * lr^2 * EMA(mean over ranks of ||g_i||^2), EMA within the phase
     exact     0: all-reduce average (C-SGD) for the phase
+
+Every target is in the measure's squared unit (Xi^2, or e2 for the estimate),
+the unit of ``/steps/target``; :func:`describe` says each phase's in words.
 """
 
 from __future__ import annotations
@@ -49,13 +54,37 @@ class TargetPolicy:
         reference = phase.reference
         if reference is None:
             reference = self.reference_maxima[phase.index]
-        return phase.factor * reference
+        return phase.scale * reference
 
     def state(self) -> dict:
         return {"ema": dict(self._ema)}
 
     def load_state(self, state: dict) -> None:
         self._ema = {int(k): float(v) for k, v in state["ema"].items()}
+
+
+def describe(span: PhaseSpan, measure: str) -> str:
+    """One phase's target in words, with its unit: what the run file records."""
+    q = "e" if measure == "estimate" else "Xi"
+    if span.target == "none":
+        return "none: one gossip round a step"
+    if span.target == "exact":
+        return "exact: all-reduce average (C-SGD)"
+    if span.target == "adaptive":
+        return f"adaptive: {q}^2 <= {span.factor:g} lr^2 EMA(mean |g_i|^2)"
+    given = span.reference is not None
+    ref = f"x {span.reference:g}" if given else f"{q}^2_max"
+    if span.factor_unit == "distance":
+        root = f"x sqrt({span.reference:g})" if given else f"{q}_max"
+        return f"constant: {q} <= {span.factor:g} {root} ({q}^2 <= {span.scale:g} {ref})"
+    return f"constant: {q}^2 <= {span.factor:g} {ref}"
+
+
+def target_unit(measure: str) -> str:
+    """The unit of ``/steps/target`` (and of the measure it is compared with)."""
+    if measure == "estimate":
+        return "e2: squared movement of a round, (1/n) sum_i |x_i' - x_i|^2"
+    return "Xi^2: squared consensus distance, (1/n) sum_i |x_i - xbar|^2"
 
 
 #: Keys a reference run must share with the run that takes its maxima as targets.
@@ -138,22 +167,42 @@ def _phase_ends(ref: dict) -> list[float]:
 
 def _reference_values(measure: str, ref: dict, columns: dict, inside: np.ndarray, key: str,
                       path: str) -> np.ndarray:  # fmt: skip
-    """The reference's values of ``measure`` on every logged step of the phase, or refuse."""
+    """The reference's values of ``measure`` covering every step of the phase, or refuse.
+
+    Rows carry the largest value of every step since the previous row (a row ends
+    each phase), so their maximum is the phase's; a file without those columns
+    serves only if it logged the measure at every step.
+    """
     ref_measure = (ref.get("consensus") or {}).get("measure", "estimate")
     if measure == "estimate":
-        candidates = ["consensus_estimate"]
+        candidates = ["consensus_estimate_max", "consensus_estimate"]
     elif ref_measure in ("exact", "sketch") and measure in ("exact", "sketch"):
-        candidates = ["consensus_measured", "consensus_exact"]
+        candidates = ["consensus_measured_max", "consensus_measured", "consensus_exact"]
     else:
         candidates = ["consensus_exact"]
+    every_step = _every_step(columns, inside)
     for name in candidates:
         values = columns.get(name)
-        if values is not None and np.isfinite(values[inside]).all():
+        if values is None or not np.isfinite(values[inside]).all():
+            continue
+        if name.endswith("_max") or every_step:
             return values[inside]
     wanted = "the estimate" if measure == "estimate" else "the exact distance"
     raise ConfigError(
         key,
-        f"{path} does not hold {wanted} at every logged step of this phase (its measure: "
-        f"{ref_measure}); make the reference run first with consensus.measure={measure} "
-        "(or metrics.exact_every equal to metrics.log_every) and target none in this phase",
+        f"{path} does not hold {wanted} over every step of this phase (its measure: "
+        f"{ref_measure}); make the reference run with this version, "
+        f"consensus.measure={measure} and target none in this phase (or log every step)",
     )
+
+
+def _every_step(columns: dict, inside: np.ndarray) -> bool:
+    """Whether the rows of the phase, with the rows on either side, are consecutive steps
+    from step 1 or from the last step of the previous phase."""
+    steps = columns.get("step")
+    index = np.flatnonzero(inside)
+    if steps is None or not len(index):
+        return False
+    lo, hi = index[0], index[-1]
+    window = steps[max(lo - 1, 0) : hi + 2]
+    return bool((lo > 0 or steps[0] == 1) and (np.diff(window) == 1).all())

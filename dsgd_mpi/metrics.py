@@ -29,6 +29,8 @@ STEP_FIELDS = (
     # running totals since step 1: the whole run's communication cost
     "gossip_rounds_total", "bytes_sent_total", "time_compute_total", "time_gossip_total",
     "time_allreduce_total",
+    # the largest value of every step since the previous row (a row ends each phase)
+    "consensus_estimate_max", "consensus_measured_max",
 )  # fmt: skip
 EVAL_FIELDS = (
     "step", "epoch", "test_loss", "test_acc", "test_nll", "test_ece",

@@ -163,6 +163,14 @@ class PhaseSpan:
     """Most gossip rounds per step."""
     ema: float
     """EMA coefficient for target=adaptive."""
+    factor_unit: str = "distance"
+    """What ``factor`` multiplies: ``distance`` (constant, by default: Xi_max, so the squared
+    target is factor^2 x reference) or ``squared`` (constant on request, and adaptive)."""
+
+    @property
+    def scale(self) -> float:
+        """What multiplies the squared reference: factor^2 for a distance factor, else factor."""
+        return self.factor**2 if self.factor_unit == "distance" else self.factor
 
 
 def phases(cfg: Config, epochs: float | None = None) -> tuple[PhaseSpan, ...]:
@@ -188,6 +196,7 @@ def phases(cfg: Config, epochs: float | None = None) -> tuple[PhaseSpan, ...]:
                 end_epoch=float(end),
                 target=p.target,
                 factor=p.factor,
+                factor_unit=p.factor_unit or ("distance" if p.target == "constant" else "squared"),
                 reference=p.reference,
                 reference_run=p.reference_run,
                 max_rounds=p.max_rounds,

@@ -211,11 +211,13 @@ class Phase:
     target: Target = "none"
     """Consensus control: none (1 round/step), constant, adaptive, exact (all-reduce)."""
     factor: PosFloat = 1.0
-    """Multiplier of the target (constant: of reference; adaptive: of lr^2 EMA(|g|^2))."""
+    """constant: multiplier of the reference in factor_unit; adaptive: of lr^2 EMA(|g|^2)."""
+    factor_unit: Literal["distance", "squared"] | None = None
+    """constant: factor multiplies Xi_max (Kong's unit; null means this) or squared: Xi^2_max."""
     reference: PosFloat | None = None
-    """Target=constant: reference consensus distance (or give reference_run)."""
+    """Target=constant: Xi^2_max, in the measure's squared unit (or give reference_run)."""
     reference_run: str | None = None
-    """Target=constant: HDF5 file of an uncontrolled run; its max distance in this phase."""
+    """Target=constant: HDF5 file of an uncontrolled run; its max of the measure in this phase."""
     max_rounds: PosInt = 1
     """Most gossip rounds per step while the target is not met."""
     ema: Fraction = 0.9
@@ -232,7 +234,10 @@ class Phase:
                     f"target 'constant' needs exactly one of reference / reference_run "
                     f"(got {what})",
                 )
-        elif given:
+        if self.factor_unit is not None and self.target != "constant":
+            raise _Invalid("factor_unit", f"only used by target 'constant', not {self.target!r} "
+                                          f"(got {self.factor_unit!r})")  # fmt: skip
+        if self.target != "constant" and given:
             raise _Invalid(
                 given[0],
                 f"only used by target 'constant', not {self.target!r} "

@@ -31,6 +31,9 @@ from dsgd_mpi.topology import Topology
 
 #: Running totals logged with every row (whole-run communication cost).
 TOTALS = ("gossip_rounds", "bytes_sent", "time_compute", "time_gossip", "time_allreduce")
+#: Largest value of every step since the previous row (rows end each phase): a reference
+#: run's phase maximum is over every step, not only the logged ones.
+PEAKS = ("consensus_estimate", "consensus_measured")
 
 
 class Trainer:
@@ -58,6 +61,7 @@ class Trainer:
         self.total_steps = timeline.total_steps
         self.step = 0
         self.totals = dict.fromkeys(TOTALS, 0.0)
+        self.peaks = dict.fromkeys(PEAKS, math.nan)
         self.clock = time.perf_counter()
         self.last_eval: dict = {}
 
@@ -108,7 +112,7 @@ class Trainer:
         time_compute = time.perf_counter() - t0 - stats.time_gossip - stats.time_allreduce
         self.step += 1
         self._account(stats, time_compute)
-        if self._row_due():
+        if self._row_due(phase):
             self.log_step(self.timeline.epoch(self.step - 1), phase.index, lr, stats, time_compute)
 
     def _agreeing(self, step: int) -> bool:
@@ -127,10 +131,13 @@ class Trainer:
                 f"Last good checkpoint: {self._last_good()}"
             ) from None
 
-    def _row_due(self) -> bool:
+    def _row_due(self, phase: schedule.PhaseSpan) -> bool:
+        """On log_every and exact_every steps, at the end of the run and of each phase."""
         m = self.cfg.metrics
         exact_due = bool(m.exact_every) and self.step % m.exact_every == 0
-        return self.step % m.log_every == 0 or exact_due or self.step == self.total_steps
+        last = self.step == self.total_steps
+        phase_ends = not last and self.timeline.phase(self.step).index != phase.index
+        return self.step % m.log_every == 0 or exact_due or last or phase_ends
 
     def _maybe_evaluate(self) -> None:
         """Every ``eval_every`` epochs (fractions allowed, as steps), at the end of the run,
@@ -167,6 +174,9 @@ class Trainer:
         self.totals["time_compute"] += time_compute
         self.totals["time_gossip"] += stats.time_gossip
         self.totals["time_allreduce"] += stats.time_allreduce
+        for name, value in (("consensus_estimate", stats.estimate),
+                            ("consensus_measured", stats.measured)):  # fmt: skip
+            self.peaks[name] = float(np.fmax(self.peaks[name], value))
 
     def log_step(self, epoch: float, phase: int, lr: float, stats: Communication,
                  time_compute: float) -> None:  # fmt: skip
@@ -192,7 +202,9 @@ class Trainer:
             target=stats.target, bytes_sent=stats.bytes_sent, time_compute=time_compute,
             time_gossip=stats.time_gossip, time_allreduce=stats.time_allreduce,
             **{f"{k}_total": v for k, v in self.totals.items()},
+            **{f"{k}_max": v for k, v in self.peaks.items()},
         )  # fmt: skip
+        self.peaks = dict.fromkeys(PEAKS, math.nan)
         self.writer.log_step(row)
         rate = self._samples_per_second()
         name = {"estimate": "e2", "exact": "Xi2", "sketch": "Xi2~"}[self.consensus.measure.name]
@@ -226,7 +238,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "gossip_t": self.consensus.mixer.t,
-            "policy": self.policy.state(), "totals": dict(self.totals),
+            "policy": self.policy.state(), "totals": dict(self.totals), "peaks": dict(self.peaks),
             "last_eval": {k: float(v) for k, v in self.last_eval.items()},
         }  # fmt: skip
 
@@ -244,6 +256,7 @@ class Trainer:
         self.consensus.mixer.t = int(state["gossip_t"])
         self.policy.load_state(state["policy"])
         self.totals.update(state["totals"])
+        self.peaks.update(state.get("peaks", {}))  # checkpoints older than the peaks: NaN
         self.last_eval = dict(state["last_eval"])
         self.checkpoints.last_step = self.step
         self._clock_step = self.step

@@ -188,9 +188,9 @@ def test_phase_factor_grid(tmp_path):
     grid = analyze.phase_factor_table(runs)
     assert grid is not None
     assert list(grid["phase k"]) == ["1", "2", "3", "all exact"]
-    assert list(grid.columns[3:]) == ["none", "constant x0.5", "exact"]
+    assert list(grid.columns[3:]) == ["none", "constant 0.5 Ξmax", "exact"]
     assert grid.loc[0, "none"] == "60.50 ± 0.71 (n=2)"
-    assert grid.loc[0, "constant x0.5"] == "90.00 (n=1)"
+    assert grid.loc[0, "constant 0.5 Ξmax"] == "90.00 (n=1)"
     assert grid.loc[3, "exact"] == "64.00 (n=1)"
     assert analyze.phase_factor_table(runs[-1:]) is None
 

@@ -33,23 +33,28 @@ def _world_size(path: Path) -> int:
     return int(re.search(r"_n(\d+)_", path.name).group(1))
 
 
-def _placeholder(path: Path, reference_config: Path, n: int, maxima: dict, measure_ok=True):
-    """A finished run file of ``reference_config`` whose phase k peaks at ``maxima[k]``."""
+def _placeholder(path: Path, reference_config: Path, n: int, maxima: dict, measure_ok=True,
+                 peaks=True):
+    """A finished run file of ``reference_config``, logged every 5 steps, whose phase k
+    peaks at ``maxima[k]`` between two rows: the logged rows hold at most half of it,
+    the ``*_max`` columns (unless ``peaks`` is false) the largest value since the last row."""
     cfg = load_config(str(reference_config), [] if measure_ok else ["consensus.measure=estimate"])
     spans = phases(cfg)
     epochs = np.linspace(0.05, cfg.run.epochs, 40)
     phase = np.array([next(s.index for s in spans if e <= s.end_epoch + 1e-9) for e in epochs])
-    exact = np.array([maxima.get(int(p), 1.0) * (0.5 + 0.5 * (i % 2)) for i, p in
-                      enumerate(phase)])  # fmt: skip
+    logged = np.array([maxima.get(int(p), 1.0) * (0.25 + 0.25 * (i % 2)) for i, p in
+                       enumerate(phase)])  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs.update({"config": to_yaml(cfg), "world_size": n, "topology": "ring"})
         steps = f.create_group("steps")
-        steps["epoch"], steps["phase"] = epochs, phase
-        steps["consensus_estimate"] = exact * 3
-        nan = np.full_like(exact, np.nan)
-        steps["consensus_measured"] = exact if measure_ok else exact * 3
-        steps["consensus_exact"] = exact if measure_ok else nan
+        steps["step"], steps["epoch"], steps["phase"] = 5 * np.arange(1, 41), epochs, phase
+        steps["consensus_estimate"] = logged * 3
+        steps["consensus_measured"] = logged if measure_ok else logged * 3
+        steps["consensus_exact"] = logged if measure_ok else np.full_like(logged, np.nan)
+        if peaks:
+            steps["consensus_estimate_max"] = logged * 6
+            steps["consensus_measured_max"] = logged * 2 if measure_ok else logged * 6
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
@@ -78,6 +83,20 @@ def test_control_config_reads_its_reference_in_the_same_measure(path, tmp_path, 
             assert got[k] == pytest.approx(maxima[k]), "not the phase's maximum of Xi^2"
 
 
+def test_a_reference_logged_every_fifth_step_without_step_maxima_is_refused(tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """Its rows miss the steps between them: their maximum would sit below Xi^2_max."""
+    monkeypatch.chdir(tmp_path)
+    path = CONTROL / "fmnist_ring_n16_dec-phase-1_f0.25.yaml"
+    cfg = load_config(str(path), ["data.download=true"])
+    reference = CONTROL / "fmnist_ring_n16_dec-phase-1_none.yaml"
+    _placeholder(tmp_path / cfg.consensus.phases[0].reference_run, reference, 16, {0: 1e-3},
+                 peaks=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="every step") as info:
+        reference_maxima(cfg, 16)
+    assert info.value.key == "consensus.phases.0.reference_run"
+
+
 def test_an_estimate_only_reference_is_refused_for_an_exact_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = CONTROL / "fmnist_ring_n16_dec-phase-1_f0.25.yaml"
@@ -88,7 +107,7 @@ def test_an_estimate_only_reference_is_refused_for_an_exact_target(tmp_path, mon
     with pytest.raises(ConfigError) as info:
         reference_maxima(cfg, 16)
     assert info.value.key == "consensus.phases.0.reference_run"
-    assert "make the reference run first" in str(info.value)
+    assert "make the reference run" in str(info.value)
 
 
 @pytest.mark.parametrize(

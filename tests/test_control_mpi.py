@@ -3,12 +3,14 @@
 The runs are made once for the session by tests/shared_runs.py (one 4-rank job).
 """
 
+import json
+
 import h5py
 import numpy as np
 import pytest
 
 from dsgd_mpi.config import ConfigError, load_config
-from dsgd_mpi.control import TargetPolicy, reference_maxima
+from dsgd_mpi.control import TargetPolicy, describe, reference_maxima
 from dsgd_mpi.schedule import phases
 
 
@@ -45,6 +47,36 @@ def test_adaptive_target_is_factor_times_lr_squared_times_the_gradient_ema():
     assert policy.target(phase, 0.2) == pytest.approx(0.5 * 0.2**2 * 3.8)
 
 
+def test_a_constant_factor_is_a_fraction_of_the_distance_unless_told_squared():
+    """Kong et al.'s "1/4 Xi_max" is factor 0.25: Xi^2 <= Xi^2_max / 16."""
+    def target(*keys: str) -> tuple[float, str]:
+        cfg = load_config(None, ["data.name=synthetic", "consensus.measure=exact",
+                                 *(f"consensus.phases.0.{k}" for k in keys)])  # fmt: skip
+        (phase,) = phases(cfg)
+        return TargetPolicy([phase], {}).target(phase, 0.1), describe(phase, "exact")
+
+    base = ("target=constant", "factor=0.25", "reference=2.0")
+    value, words = target(*base)
+    assert value == pytest.approx(0.0625 * 2.0)
+    assert words == "constant: Xi <= 0.25 x sqrt(2) (Xi^2 <= 0.0625 x 2)"
+    assert target(*base, "factor_unit=distance")[0] == value
+    value, words = target(*base, "factor_unit=squared")
+    assert value == pytest.approx(0.25 * 2.0) and words == "constant: Xi^2 <= 0.25 x 2"
+    with pytest.raises(ConfigError) as err:
+        target("target=adaptive", "factor_unit=distance")
+    assert err.value.key == "consensus.phases.0.factor_unit"
+
+
+@pytest.mark.mpi
+def test_the_run_file_records_the_unit_of_its_targets(shared):
+    with h5py.File(shared.h5("controlled"), "r", locking=False) as f:
+        assert f.attrs["target_unit"].startswith("e2: squared movement")
+        assert json.loads(f.attrs["phase_targets"]) == [
+            "constant: e <= 0.25 e_max (e^2 <= 0.0625 e^2_max)"]
+    with h5py.File(shared.h5("ring_exact"), "r", locking=False) as f:
+        assert f.attrs["target_unit"].startswith("Xi^2: squared consensus distance")
+
+
 @pytest.mark.mpi
 def test_adaptive_target_follows_lr_squared_times_gradient_norm(shared):
     s = shared.table("adaptive")
@@ -61,9 +93,12 @@ def test_adaptive_target_follows_lr_squared_times_gradient_norm(shared):
 
 @pytest.mark.mpi
 def test_reference_run_target_reads_the_phase_maximum_of_a_real_run(shared):
-    expected = np.nanmax(shared.table("reference")["consensus_estimate"])  # the controlled quantity
+    ref = shared.table("reference")
+    expected = np.nanmax(ref["consensus_estimate"])  # the controlled quantity, every step logged
+    assert np.nanmax(ref["consensus_estimate_max"]) == expected
     s = shared.table("controlled")
-    np.testing.assert_allclose(s["target"], 0.25 * expected)
+    # factor 0.25 in Kong's unit: e <= 0.25 e_max, the squared target a 16th of the peak
+    np.testing.assert_allclose(s["target"], 0.25**2 * expected)
     assert s["gossip_rounds"].max() > 1  # a quarter of the uncontrolled peak needs extra rounds
 
 

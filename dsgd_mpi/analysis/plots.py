@@ -120,7 +120,8 @@ def plot_consensus(runs: Sequence[Run], path: str) -> str:
         for i, (run, name) in enumerate(zip(runs, names, strict=True)):
             arrays += _consensus_lines(ax, run, name, color=f"C{i % 10}")
         _log_if_positive(ax, *arrays)
-        _legend(ax, runs, "consensus distance", fontsize=6, ncol=2)
+        _legend(ax, runs, "squared consensus distance Ξ² (e² for the estimate)", fontsize=6,
+                ncol=2)  # fmt: skip
         ax.set_xlabel("step")
         return _save(fig, path)
     fig, axes = _figure(len(runs))
@@ -133,7 +134,7 @@ def plot_consensus(runs: Sequence[Run], path: str) -> str:
             ax.legend(fontsize=7, loc="lower left")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("consensus distance")
+        ax.set_ylabel("squared distance: Ξ², e² (target in the same unit)")
     return _save(fig, path)
 
 

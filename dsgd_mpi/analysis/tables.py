@@ -158,19 +158,35 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _phase_text(phase: Any) -> str:
-    """``target[ xfactor][ ref=..][ max=..][ ema=..][ <=until]`` of one phase."""
+    """``target[ factor unit][ ref=..][ max=..][ ema=..][ <=until]`` of one phase."""
     if not isinstance(phase, dict):
         return str(phase)
     target = phase.get("target", "none")
     text = str(target)
     if target in ("constant", "adaptive"):
-        text += f" x{phase.get('factor', 1.0):g}"
+        text += f" {factor_text(phase)}"
         ref = phase.get("reference") or phase.get("reference_run")
         text += f" ref={ref}" if ref is not None and target == "constant" else ""
         text += f" ema={phase.get('ema')}" if target == "adaptive" else ""
         text += f" max={phase.get('max_rounds', 1)}"
     until = phase.get("until_epoch")
     return text + (f" <={until:g}" if isinstance(until, (int, float)) else "")
+
+
+def factor_unit(phase: dict) -> str:
+    """What a phase's factor multiplies, from a run file's config: ``distance`` (Kong's
+    unit) or ``squared``. Files written before the key existed meant squared."""
+    if phase.get("target") != "constant" or "factor_unit" not in phase:
+        return "squared"
+    return phase.get("factor_unit") or "distance"
+
+
+def factor_text(phase: dict) -> str:
+    """A controlled phase's factor with its unit: ``0.25 Ξmax``, ``0.5 Ξ²max``, ``1 lr²g²``."""
+    factor = float(phase.get("factor", 1.0))
+    if phase.get("target") == "adaptive":
+        return f"{factor:g} lr²g²"
+    return f"{factor:g} Ξmax" if factor_unit(phase) == "distance" else f"{factor:g} Ξ²max"
 
 
 def _cell(value: Any) -> str:
@@ -249,7 +265,7 @@ def kong_cell(run: Run) -> tuple[str, str, float, tuple] | None:
 
     A dec-phase-k run has exactly one phase whose target is not ``exact``: k is
     its 1-based position, the factor label is ``none`` for an uncontrolled
-    phase and ``<target> x<factor>`` otherwise; there must be other phases.
+    phase and ``<target> <factor> <unit>`` otherwise; there must be other phases.
     A run that is ``exact``
     everywhere (C-SGD) is the ``all exact`` row, for reference.
     """
@@ -267,7 +283,8 @@ def kong_cell(run: Run) -> tuple[str, str, float, tuple] | None:
     if target == "none":
         return str(k), "none", float(k), (0, "", 0.0)
     factor = float(phase.get("factor", 1.0))
-    return str(k), f"{target} x{factor:g}", float(k), (1, target, factor)
+    squared = factor**2 if factor_unit(phase) == "distance" else factor  # one order for both
+    return str(k), f"{target} {factor_text(phase)}", float(k), (1, target, squared)
 
 
 def phase_factor_table(runs: Sequence[Run]) -> pd.DataFrame | None:

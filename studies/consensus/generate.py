@@ -189,8 +189,9 @@ def zhu(s: dict, batch: int, topology: str, sharpness: bool, **over) -> dict:
 
 
 def held(factor: float, s: dict) -> dict:
-    """A phase whose exact distance is held at factor x its reference's largest one."""
-    return {"target": "constant", "factor": factor, "reference_run": "",
+    """A phase whose Xi^2 is held at factor x its reference's largest one (the second
+    edition's factors of Xi^2_max: 0.25 is Kong's 1/2 Xi_max)."""
+    return {"target": "constant", "factor": factor, "factor_unit": "squared", "reference_run": "",
             "max_rounds": s["max_rounds"]}  # fmt: skip
 
 

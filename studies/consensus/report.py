@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from dsgd_mpi.analysis.load import Run
 from dsgd_mpi.analysis.plots import plot_consensus, plot_control, plot_reliability, plot_rounds
+from dsgd_mpi.analysis.tables import factor_text
 from studies.consensus import claims
 from studies.consensus.claims import Cells, Verdict, cell_of
 
@@ -305,7 +306,7 @@ def setup_table(runs: Sequence[Run]) -> str:
 def _phase(p: dict) -> str:
     target = p.get("target", "none")
     if target in ("constant", "adaptive"):
-        return f"{target} x{p.get('factor', 1):g} max={p.get('max_rounds', 1)}"
+        return f"{target} {factor_text(p)} max={p.get('max_rounds', 1)}"
     return str(target)
 
 
