@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dsgd_mpi import mixing
 from dsgd_mpi.group import Group, Mixer, mean_
 from dsgd_mpi.replica import Buffers, Replicas
 from dsgd_mpi.schedule import PhaseSpan
@@ -34,6 +35,8 @@ from dsgd_mpi.seeds import Stream, derive_seed
 from dsgd_mpi.topology import Topology
 
 MEASURES = ("estimate", "exact", "sketch")
+#: Elements sketched at once by :meth:`Measure.remeasure` (its scratch buffer).
+SKETCH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Measure:
         self._sbar = torch.zeros(k, dtype=torch.float64, device=device)
         self._args: list[dict] = [{} for _ in replicas.flats]
         self._fresh = False
+        self._scratch: torch.Tensor | None = None
 
     def begin(self, step: int) -> None:
         """Once per communication step, after the local update: xbar, or a fresh sketch."""
@@ -112,6 +116,24 @@ class Measure:
         sums = self.group.sum(rows) / self.group.size
         estimate = float(sums[0])
         return estimate, estimate if self.name == "estimate" else float(sums[1])
+
+    def remeasure(self, step: int) -> float:
+        """``sketch``: Xi^2 of the replicas as they are, through a second CountSketch drawn
+        independently of the one the loop stopped on. The loop stops on the first value
+        at or below the target, so that value is biased low; this one is not (one sketch
+        pass over the parameters, a k-float and a scalar reduction)."""
+        seed = derive_seed(Stream.SKETCH, self.seed, step, 1)
+        m = self.replicas.measured
+        if self._scratch is None:
+            self._scratch = torch.empty(min(m, SKETCH_CHUNK), device=self._sbar.device)
+        for s, flat in zip(self._sketches, self.replicas.flats, strict=True):
+            s.zero_()
+            for lo in range(0, m, SKETCH_CHUNK):  # x + 0: the kernel's sketch of x alone
+                hi = min(m, lo + SKETCH_CHUNK)
+                mixing.mix(flat[lo:hi], [], [], self._scratch[: hi - lo], sketch=(s, lo, seed))
+        mean_(self.group, self._sketches, self._sbar)
+        shares = [[float(torch.sum((s - self._sbar) ** 2))] for s in self._sketches]
+        return float(self.group.sum(np.array(shares))[0]) / self.group.size
 
 
 class Consensus:
@@ -161,10 +183,13 @@ class Consensus:
             time_allreduce=time.perf_counter() - t1, exact_phase=True,
         )  # fmt: skip
 
-    def communicate(self, phase: PhaseSpan, target: float, step: int = 0) -> Communication:
+    def communicate(self, phase: PhaseSpan, target: float, step: int = 0,
+                    record: bool = False) -> Communication:  # fmt: skip
         """Gossip until the measured distance meets ``target`` or the phase's rounds are spent.
 
         ``exact`` phases and ``complete`` average by Allreduce: one round is exact.
+        ``record``: the step will be logged; a sketched ``measured`` is then taken again
+        by an independent sketch (:meth:`Measure.remeasure`), not the one the loop tested.
         """
         if self.averages(phase):
             return self.average(target)
@@ -189,6 +214,10 @@ class Consensus:
                 break
         if self.measure.name == "exact":
             out.distance = out.measured  # of the replicas as the last round left them
+        elif self.measure.name == "sketch" and record:
+            t0 = time.perf_counter()
+            out.measured = self.measure.remeasure(step)
+            out.time_allreduce += time.perf_counter() - t0
         return out
 
     def exact_distance(self) -> float:

@@ -11,7 +11,8 @@ GPU step has no host synchronisation of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ class Replica:
             scale = o.rho / (torch.linalg.vector_norm(self.grad) + 1e-12)  # stays on the device
             saved = params.clone()
             params.add_(self.grad * scale)
-            self._backward(images, labels, record=False)
+            with kept_statistics(self.model.buffers()):  # one BatchNorm update a step, at x
+                self._backward(images, labels, record=False)
             params.copy_(saved)
         elif o.perturb == "avg_sam" and o.perturb_xi2 > 0:
             g = generator(Stream.PERTURB, self.seed, self.rank, step, device=params.device)
@@ -155,6 +157,18 @@ class Buffers:
     def __init__(self, flats: Sequence[torch.Tensor], measured: int | None = None) -> None:
         self.flats = list(flats)
         self.measured = self.flats[0].numel() if measured is None else measured
+
+
+@contextlib.contextmanager
+def kept_statistics(buffers: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Run a forward pass whose BatchNorm running statistics (every buffer) are put back
+    afterwards: SAM's second pass, at the perturbed point, must not update them again."""
+    held = [(b, b.clone()) for b in buffers]
+    try:
+        yield
+    finally:
+        for b, saved in held:
+            b.copy_(saved)
 
 
 def ptr_offset(buffer: torch.Tensor, ptr: int) -> int:

@@ -102,17 +102,18 @@ class Trainer:
         self.replicas.gradients(self.step, grad_norm=adaptive)
         if adaptive:  # the target must be the same on every replica: reduce first
             self.policy.observe(phase, float(self.group.sum(self.replicas.grad_sq())[0]) / self.n)
+        logged = self._row_due(phase, self.step + 1)
         if first:
-            stats = stats.then(self.communicate(phase, self.policy.target(phase, lr)))
+            stats = stats.then(self.communicate(phase, self.policy.target(phase, lr), logged))
         self.replicas.apply(lr)
         if communicating and not first:
-            stats = stats.then(self.communicate(phase, self.policy.target(phase, lr)))
+            stats = stats.then(self.communicate(phase, self.policy.target(phase, lr), logged))
         elif first:
             stats.distance = math.nan  # the update moved the replicas since it was measured
         time_compute = time.perf_counter() - t0 - stats.time_gossip - stats.time_allreduce
         self.step += 1
         self._account(stats, time_compute)
-        if self._row_due(phase):
+        if logged:
             self.log_step(self.timeline.epoch(self.step - 1), phase.index, lr, stats, time_compute)
 
     def _agreeing(self, step: int) -> bool:
@@ -122,22 +123,24 @@ class Trainer:
         last = step // self.cfg.gossip.local_steps * self.cfg.gossip.local_steps - 1
         return last < 0 or self.consensus.averages(self.timeline.phase(last))
 
-    def communicate(self, phase: schedule.PhaseSpan, target: float) -> Communication:
+    def communicate(self, phase: schedule.PhaseSpan, target: float,
+                    logged: bool = False) -> Communication:  # fmt: skip
         try:
-            return self.consensus.communicate(phase, target, self.step)
+            return self.consensus.communicate(phase, target, self.step, record=logged)
         except Diverged as exc:
             raise FloatingPointError(
                 f"parameters diverged at step {self.step + 1}: {exc}. "
                 f"Last good checkpoint: {self._last_good()}"
             ) from None
 
-    def _row_due(self, phase: schedule.PhaseSpan) -> bool:
-        """On log_every and exact_every steps, at the end of the run and of each phase."""
+    def _row_due(self, phase: schedule.PhaseSpan, step: int) -> bool:
+        """Whether ``step`` (steps done) gets a row: on log_every and exact_every steps, at
+        the end of the run and of each phase."""
         m = self.cfg.metrics
-        exact_due = bool(m.exact_every) and self.step % m.exact_every == 0
-        last = self.step == self.total_steps
-        phase_ends = not last and self.timeline.phase(self.step).index != phase.index
-        return self.step % m.log_every == 0 or exact_due or last or phase_ends
+        exact_due = bool(m.exact_every) and step % m.exact_every == 0
+        last = step == self.total_steps
+        phase_ends = not last and self.timeline.phase(step).index != phase.index
+        return step % m.log_every == 0 or exact_due or last or phase_ends
 
     def _maybe_evaluate(self) -> None:
         """Every ``eval_every`` epochs (fractions allowed, as steps), at the end of the run,

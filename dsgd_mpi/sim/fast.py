@@ -28,6 +28,7 @@ from dsgd_mpi.data import DatasetInfo, Split
 from dsgd_mpi.flat import allocate, flatten
 from dsgd_mpi.mixing import buckets_signs_torch
 from dsgd_mpi.models import build_model
+from dsgd_mpi.replica import kept_statistics
 from dsgd_mpi.seeds import Stream, generator
 from dsgd_mpi.shards import DEFAULT_MAX_DEVICE_BYTES, ShardedLoader
 from dsgd_mpi.topology import Topology
@@ -157,7 +158,8 @@ class FastReplicas:
             norms = torch.linalg.vector_norm(self.grad, dim=1, keepdim=True) + 1e-12
             saved = self.params.clone()
             self.params.add_(self.grad * (o.rho / norms))
-            self._backward(images, labels, record=False)
+            with kept_statistics(self._buffers.values()):  # one BatchNorm update a step, at x
+                self._backward(images, labels, record=False)
             self.params.copy_(saved)
         elif o.perturb == "avg_sam" and o.perturb_xi2 > 0:
             m, device = self.measured, self.params.device
