@@ -36,14 +36,15 @@ EVAL_FIELDS = (
     "step", "epoch", "test_loss", "test_acc", "test_nll", "test_ece",
     "local_acc_mean", "local_acc_min", "local_acc_max",
     "ensemble_acc", "ensemble_nll", "ensemble_ece",
-    "sharpness_lambda_max", "sharpness_trace", "sharpness_power_iters", "sharpness_trace_iters",
+    "sharpness_lambda_max", "sharpness_lambda_residual", "sharpness_lambda_iters",
+    "sharpness_trace", "sharpness_trace_se", "sharpness_trace_iters",
 )  # fmt: skip
 #: 2-D evaluation fields (row x bin): the reliability diagrams of x̄ and of the ensemble.
 EVAL_ARRAYS = tuple(f"{who}_{what}" for who in ("test", "ensemble")
                     for what in ("bin_confidence", "bin_accuracy", "bin_count"))  # fmt: skip
 _INT_FIELDS = {
     "step", "phase", "gossip_rounds", "bytes_sent", "gossip_rounds_total", "bytes_sent_total",
-    "sharpness_power_iters", "sharpness_trace_iters",
+    "sharpness_lambda_iters", "sharpness_trace_iters",
 }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from dsgd_mpi.evaluation.sharpness import (
     hutchinson_trace,
     hvp_fn,
-    power_iteration,
+    lanczos_max,
     summed_cross_entropy,
 )
 from dsgd_mpi.models import build_model
@@ -193,7 +193,7 @@ def test_hvp_rejects_a_wrong_length() -> None:
         hvp_fn(frozen, [])
 
 
-# ---- power iteration and Hutchinson -------------------------------------------------------
+# ---- Lanczos and Hutchinson -------------------------------------------------------
 
 
 def _outlier_spectrum(dim: int, outliers: list[float], seed: int) -> np.ndarray:
@@ -202,24 +202,65 @@ def _outlier_spectrum(dim: int, outliers: list[float], seed: int) -> np.ndarray:
     return np.concatenate([outliers, bulk])
 
 
-def test_power_iteration_finds_lambda_max_through_hvp_fn() -> None:
+def test_lanczos_finds_lambda_max_of_a_quadratic_to_1e4() -> None:
     a = _spd(_outlier_spectrum(40, [6.0, 3.0], seed=0), seed=1)
-    model = Quadratic(a)
-    op = _two_rank_operator(model, _batches(24, 40, 5, seed=2))
-    lam, iters = power_iteration(op, 40, generator=_gen(0))
-    truth = np.linalg.eigvalsh(a)[-1]
-    assert lam == pytest.approx(truth, rel=0.01)
-    assert 2 <= iters < 100
+    op = _two_rank_operator(Quadratic(a), _batches(24, 40, 5, seed=2))
+    lam, residual, iters = lanczos_max(op, 40, generator=_gen(0))
+    assert lam == pytest.approx(np.linalg.eigvalsh(a)[-1], rel=1e-4)
+    assert residual <= 1e-3 and 2 <= iters < 40
 
 
-def test_power_iteration_when_a_negative_eigenvalue_dominates() -> None:
-    """|lambda_min| > lambda_max: the shifted second run must still report lambda_max."""
+def test_lanczos_on_a_linear_models_cross_entropy_hessian_in_closed_form() -> None:
+    """Softmax regression: H = mean_n (diag(p_n) - p_n p_n^T) (x) [x_n; 1][x_n; 1]^T."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    batches = _class_batches([7, 5, 8, 4], seed=3)
+    x = torch.cat([b[0] for b in batches]).double()
+    p = torch.softmax(model.double()(x), dim=1).detach().numpy()
+    model.float()
+    xt = np.concatenate([x.numpy(), np.ones((len(x), 1))], axis=1)
+    h = np.zeros((18, 18))
+    for pn, xn in zip(p, xt, strict=True):
+        block = np.kron(np.diag(pn) - np.outer(pn, pn), np.outer(xn, xn))  # (c, j) pairs
+        order = [c * 6 + j for c in range(3) for j in range(5)] + [c * 6 + 5 for c in range(3)]
+        h += block[np.ix_(order, order)]  # model.parameters(): weight (c, j), then bias c
+    h /= len(x)
+    op = _two_rank_operator(model, batches, summed_cross_entropy)
+    lam, residual, _ = lanczos_max(op, 18, generator=_gen(1), tol=1e-5)
+    assert lam == pytest.approx(np.linalg.eigvalsh(h)[-1], rel=1e-4)
+    assert residual <= 1e-5
+
+
+def test_lanczos_reports_the_largest_not_the_largest_in_magnitude() -> None:
+    """|lambda_min| > lambda_max: power iteration would find -3."""
     eigs = np.concatenate([[-3.0, 2.0], np.random.default_rng(3).uniform(-1, 1, 30)])
     a = _spd(eigs, seed=4)
     op = _two_rank_operator(Quadratic(a), _batches(10, 32, 5, seed=5))
-    lam, iters = power_iteration(op, 32, generator=_gen(1))
-    assert lam == pytest.approx(np.linalg.eigvalsh(a)[-1], rel=0.01)
-    assert iters > 2
+    lam, residual, _ = lanczos_max(op, 32, generator=_gen(1))
+    assert lam == pytest.approx(2.0, rel=1e-4) and residual <= 1e-3
+
+
+def test_lanczos_with_a_small_eigengap_agrees_across_start_vectors() -> None:
+    """Top two 1.0 and 0.999: where power iteration's stopping rule stalled."""
+    a = _spd(np.concatenate([[1.0, 0.999], np.linspace(0, 0.5, 60)]), seed=10)
+    op = _two_rank_operator(Quadratic(a), _batches(4, 62, 2, seed=11))
+    values = [lanczos_max(op, 62, generator=_gen(seed), tol=1e-5)[0] for seed in range(3)]
+    np.testing.assert_allclose(values, 1.0, rtol=2e-4)
+
+
+def test_lanczos_on_the_small_cnn_agrees_across_start_vectors() -> None:
+    """Two start vectors, one operator: within 1 % (the issue's bar), residuals logged."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1, image_size=28).eval()
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,),
+                generator=gen)) for _ in range(2)]  # fmt: skip
+    op = _two_rank_operator(model, batches, summed_cross_entropy)
+    dim = sum(p.numel() for p in model.parameters())
+    runs = [lanczos_max(op, dim, generator=_gen(seed)) for seed in (0, 1)]
+    (a, ra, _), (b, rb, _) = runs
+    assert a == pytest.approx(b, rel=0.01)
+    assert ra <= 1e-3 and rb <= 1e-3
 
 
 def test_hutchinson_trace_within_one_percent() -> None:
@@ -228,26 +269,27 @@ def test_hutchinson_trace_within_one_percent() -> None:
     a = _spd(1.0 + _outlier_spectrum(40, [2.0], seed=6), seed=7)
     op = _two_rank_operator(Quadratic(a), _batches(6, 40, 3, seed=8))
     # tol bounds the standard error: 3e-3 puts the 1% band at 3.3 standard errors.
-    trace, iters = hutchinson_trace(op, 40, generator=_gen(2), tol=3e-3, max_iter=2000)
+    trace, se, iters = hutchinson_trace(op, 40, generator=_gen(2), tol=3e-3, max_iter=2000)
     assert trace == pytest.approx(np.trace(a), rel=0.01)
+    assert 0 < se <= 3e-3 * trace
     assert 10 <= iters < 2000
 
 
 def test_multiple_of_identity_stops_as_early_as_the_rules_allow() -> None:
-    """H = cI: every Rayleigh quotient and every z.Hz/d is exact, so each rule fires at once."""
+    """H = cI: the start vector spans an invariant subspace and every z.Hz/d is exact."""
     op = _two_rank_operator(Quadratic(2.5 * np.eye(12)), _batches(6, 12, 3, seed=9))
-    lam, iters = power_iteration(op, 12, generator=_gen(3))
-    assert lam == pytest.approx(2.5) and iters == 2
-    trace, iters = hutchinson_trace(op, 12, generator=_gen(4), min_iter=7)
-    assert trace == pytest.approx(30.0) and iters == 7
+    lam, residual, iters = lanczos_max(op, 12, generator=_gen(3))
+    assert lam == pytest.approx(2.5) and iters == 1 and residual < 1e-6
+    trace, se, iters = hutchinson_trace(op, 12, generator=_gen(4), min_iter=7)
+    assert trace == pytest.approx(30.0) and iters == 7 and se < 1e-6
 
 
 def test_iteration_caps_are_reported() -> None:
     a = _spd(np.concatenate([[1.0, 0.999], np.linspace(0, 0.5, 20)]), seed=10)
     op = _two_rank_operator(Quadratic(a), _batches(4, 22, 2, seed=11))
-    _, iters = power_iteration(op, 22, generator=_gen(5), tol=1e-12, max_iter=7)
-    assert iters == 7
-    _, iters = hutchinson_trace(op, 22, generator=_gen(6), tol=1e-12, max_iter=15)
+    _, residual, iters = lanczos_max(op, 22, generator=_gen(5), tol=1e-12, max_iter=7)
+    assert iters == 7 and residual > 1e-12  # the residual says it did not converge
+    _, _, iters = hutchinson_trace(op, 22, generator=_gen(6), tol=1e-12, max_iter=15)
     assert iters == 15
 
 
@@ -256,8 +298,8 @@ def test_same_seed_same_answer_and_global_rng_untouched() -> None:
     a = _spd(_outlier_spectrum(20, [4.0], seed=12), seed=13)
     op = _two_rank_operator(Quadratic(a), _batches(8, 20, 4, seed=14))
     state = torch.random.get_rng_state()
-    first = power_iteration(op, 20, generator=_gen(7)), hutchinson_trace(op, 20, generator=_gen(8))
-    again = power_iteration(op, 20, generator=_gen(7)), hutchinson_trace(op, 20, generator=_gen(8))
+    first = lanczos_max(op, 20, generator=_gen(7)), hutchinson_trace(op, 20, generator=_gen(8))
+    again = lanczos_max(op, 20, generator=_gen(7)), hutchinson_trace(op, 20, generator=_gen(8))
     assert first == again
     assert torch.equal(torch.random.get_rng_state(), state)
     other = hutchinson_trace(op, 20, generator=_gen(9))
@@ -275,4 +317,4 @@ def test_bad_iteration_settings(kwargs: dict) -> None:
         hutchinson_trace(op, 3, generator=_gen(), **kwargs)
     if "min_iter" not in kwargs:
         with pytest.raises(ValueError):
-            power_iteration(op, 3, generator=_gen(), **kwargs)
+            lanczos_max(op, 3, generator=_gen(), **kwargs)

@@ -9,11 +9,12 @@
 - In the same pass, the ensemble of the local models: per batch, the mean of
   every replica's softmax (a reduction of one batch of probabilities at a
   time, never the whole prediction matrix), scored for accuracy, NLL and ECE.
-- Sharpness of x̄ when asked: lambda_max (power iteration) and the trace
-  (Hutchinson) of the training loss's Hessian on a fixed seeded subset of
-  ``metrics.sharpness_samples`` training samples split across replicas; every
-  Hessian-vector product is reduced so that every replica holds the same
-  bytes (the iterations' stopping decisions depend on them).
+- Sharpness of x̄ when asked: lambda_max (Lanczos, with its residual) and the
+  trace (Hutchinson, with its standard error) of the training loss's Hessian on
+  a fixed seeded subset of ``metrics.sharpness_samples`` training samples split
+  across replicas; every Hessian-vector product is reduced so that every
+  replica holds the same bytes (the iterations' stopping decisions depend on
+  them).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from dsgd_mpi.config import Config
 from dsgd_mpi.data import DatasetInfo, Split
 from dsgd_mpi.evaluation.averaged import averaged_model
 from dsgd_mpi.evaluation.calibration import Calibration
-from dsgd_mpi.evaluation.sharpness import hutchinson_trace, hvp_fn, power_iteration
+from dsgd_mpi.evaluation.sharpness import hutchinson_trace, hvp_fn, lanczos_max
 from dsgd_mpi.group import Group
 from dsgd_mpi.seeds import Stream, generator
 from dsgd_mpi.shards import eval_batches
 
 BATCH = 1000
-#: Stopping rules of the sharpness estimates (relative tolerance, most HVPs).
-POWER_TOL, POWER_MAX = 1e-3, 100
+#: Stopping rules of the sharpness estimates (relative tolerance, most HVPs). Lanczos keeps
+#: its basis: at most LANCZOS_MAX vectors of the model's size.
+LANCZOS_TOL, LANCZOS_MAX = 1e-3, 40
 TRACE_TOL, TRACE_MIN, TRACE_MAX = 0.05, 10, 100
 SHARPNESS_BATCH = 256
 # A process whose share of the sharpness subset is at most this many samples keeps
@@ -80,8 +82,9 @@ class Evaluator:
             step=step, epoch=epoch, test_loss=loss_sum / count, test_acc=cal.accuracy,
             test_nll=cal.nll, test_ece=cal.ece, **spread,
             ensemble_acc=ensemble.accuracy, ensemble_nll=ensemble.nll, ensemble_ece=ensemble.ece,
-            sharpness_lambda_max=np.nan, sharpness_trace=np.nan,
-            sharpness_power_iters=-1, sharpness_trace_iters=-1,
+            sharpness_lambda_max=np.nan, sharpness_lambda_residual=np.nan,
+            sharpness_lambda_iters=-1, sharpness_trace=np.nan, sharpness_trace_se=np.nan,
+            sharpness_trace_iters=-1,
         )  # fmt: skip
         for who, c in (("test", cal), ("ensemble", ensemble)):
             conf, hit, cnt = c.reliability()
@@ -154,12 +157,13 @@ class Evaluator:
             return self.group.sum_([local(v)], out, identical=True) / total
 
         vectors = generator(Stream.SHARPNESS, self.cfg.run.seed, step)
-        lam, power_iters = power_iteration(op, dim, generator=vectors, tol=POWER_TOL,
-                                           max_iter=POWER_MAX)  # fmt: skip
-        trace, trace_iters = hutchinson_trace(op, dim, generator=vectors, tol=TRACE_TOL,
-                                              min_iter=TRACE_MIN, max_iter=TRACE_MAX)  # fmt: skip
-        return dict(sharpness_lambda_max=lam, sharpness_trace=trace,
-                    sharpness_power_iters=power_iters, sharpness_trace_iters=trace_iters)
+        lam, residual, lam_iters = lanczos_max(op, dim, generator=vectors, tol=LANCZOS_TOL,
+                                               max_iter=LANCZOS_MAX)  # fmt: skip
+        trace, se, trace_iters = hutchinson_trace(
+            op, dim, generator=vectors, tol=TRACE_TOL, min_iter=TRACE_MIN, max_iter=TRACE_MAX)
+        return dict(sharpness_lambda_max=lam, sharpness_lambda_residual=residual,
+                    sharpness_lambda_iters=lam_iters, sharpness_trace=trace,
+                    sharpness_trace_se=se, sharpness_trace_iters=trace_iters)
 
 
 def _rebatched(batches: list, size: int) -> list:

@@ -74,7 +74,7 @@ LIMITS = {
          "was not affordable: 100 steps of it are 820 k samples, ~25 min per run on this "
          "machine, ~4 h for its 9 runs.",
     "7": "lambda_max and the trace are measured once, at the end, on a fixed subset of "
-         "training samples (`metrics.sharpness_samples`; power iteration and Hutchinson with "
+         "training samples (`metrics.sharpness_samples`; Lanczos and Hutchinson with "
          "stated stopping rules), after two lr decays: the flatness of the final model.",
     "8": "Measured at the end, after the lr decayed 100x: the local models are then close "
          "to each other and to their average, so ensemble and average differ least there.",
