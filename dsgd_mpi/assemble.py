@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import h5py
 import torch
 
-from dsgd_mpi import checkpoint, control, schedule
+from dsgd_mpi import checkpoint, control, perturb, schedule
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
 from dsgd_mpi.control import TargetPolicy
@@ -144,8 +144,10 @@ def make_trainer(
     reference: dict[int, float],
     resume_step: int | None,
     log: Callable[[str], None],
+    shadow: perturb.Shadow | None = None,
 ) -> Trainer:
-    """The trainer of a run, resumed from ``resume_step``'s checkpoint when given."""
+    """The trainer of a run, resumed from ``resume_step``'s checkpoint when given;
+    ``shadow``: the D-SGD run that ``optim.perturb`` carries beside (avg-SAM)."""
     ckpt_dir = checkpoint_dir(cfg)
     states = [checkpoint.load(ckpt_dir, resume_step, r) for r in group.ranks] if (
         resume_step is not None) else []  # fmt: skip
@@ -170,7 +172,8 @@ def make_trainer(
 
     evaluator = Evaluator(group, replicas.models, (split.to(device), info), train, device, cfg,
                           bn_batches)  # fmt: skip
-    trainer = Trainer(cfg, group, replicas, evaluator, writer, log, policy, timeline, checkpoints)
+    trainer = Trainer(cfg, group, replicas, evaluator, writer, log, policy, timeline, checkpoints,
+                      perturb.build(cfg, replicas, shadow))  # fmt: skip
     if states:
         trainer.load_state_dict(states)
         log(f"resumed from {checkpoint.step_dir(ckpt_dir, resume_step)}")

@@ -172,6 +172,23 @@ class TensorPort:
         _allreduce(comm, t.numpy() if t.device.type == "cpu" else t, mpi_op, identical)
         return t
 
+    def reduce_scatter_(
+        self, comm: MPI.Comm, rows: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """``out`` = the sum over ranks of their row ``rows[rank]`` (a contiguous (size, m)
+        tensor; Reduce_scatter_block): rank i receives sum_j rows_j[i]. Returns ``out``."""
+        if self.staged:
+            h, r = self.host("scatter", rows), self.host("scattered", out)
+            h.copy_(rows.reshape(-1))
+            comm.Reduce_scatter_block(h.numpy(), r.numpy(), op=MPI.SUM)
+            out.reshape(-1).copy_(r)
+            return out
+        _sync(rows)
+        host = rows.device.type == "cpu"
+        comm.Reduce_scatter_block(rows.numpy() if host else rows, out.numpy() if host else out,
+                                  op=MPI.SUM)  # fmt: skip
+        return out
+
     def bcast_(self, comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Overwrite ``t`` with root's ``t`` on every rank."""
         if self.staged:

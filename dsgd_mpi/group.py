@@ -71,6 +71,14 @@ class Group(Protocol):
         """``out`` = replica 0's part, on every process."""
         ...
 
+    def combine_(
+        self, coeffs: np.ndarray, parts: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
+    ) -> None:
+        """Each replica i here gets ``outs[k] = sum_j coeffs[i, j] part_j`` over every
+        replica j of the run: n different combinations (``coeffs`` n x n, the same on
+        every process), at the cost of n vectors' traffic per replica, not n^2."""
+        ...
+
     def mixer(self, topology: Topology, flats: Sequence[torch.Tensor], measured: int) -> Mixer: ...
 
     def barrier(self) -> None: ...

@@ -23,6 +23,7 @@ class MpiGroup:
         self.ranks = (comm.Get_rank(),)
         self.root = comm.Get_rank() == 0
         self._reducer = mpi.Reducer(comm)
+        self._rows: torch.Tensor | None = None  # combine_'s send buffer, allocated once
 
     def sum(self, rows: np.ndarray) -> np.ndarray:
         return self._reducer.sum(np.atleast_2d(np.asarray(rows, dtype=np.float64)).sum(axis=0))
@@ -43,6 +44,22 @@ class MpiGroup:
         if part.data_ptr() != out.data_ptr():
             out.copy_(part)
         return self.port.bcast_(self.comm, out, root=0)
+
+    def combine_(
+        self, coeffs: np.ndarray, parts: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
+    ) -> None:
+        """Reduce-scatter in chunks: row i of this rank's (n, chunk) buffer is
+        coeffs[i, me] times its part, and rank i receives the sum of every rank's row i."""
+        ((part,), (out,)), me = (parts, outs), self.ranks[0]
+        width = max(1, self.chunk // self.size)
+        if self._rows is None or self._rows.numel() < self.size * width:
+            self._rows = torch.empty(self.size * width, dtype=part.dtype, device=part.device)
+        column = torch.as_tensor(coeffs[:, me], dtype=part.dtype, device=part.device)
+        for lo in range(0, part.numel(), width):
+            hi = min(part.numel(), lo + width)
+            rows = self._rows[: self.size * (hi - lo)].view(self.size, hi - lo)
+            torch.outer(column, part[lo:hi], out=rows)
+            self.port.reduce_scatter_(self.comm, rows, out[lo:hi])
 
     def mixer(self, topology: Topology, flats: Sequence[torch.Tensor], measured: int) -> Mixer:
         (flat,) = flats

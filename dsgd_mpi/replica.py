@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from dsgd_mpi import optim
 from dsgd_mpi.config import OptimConfig
 from dsgd_mpi.flat import allocate
-from dsgd_mpi.seeds import Stream, generator
 from dsgd_mpi.shards import ShardedLoader
 
 
@@ -69,14 +68,14 @@ class Replica:
             yield from self.loader.batches(epoch, start=start)
             epoch, start = epoch + 1, 0
 
-    def gradients(self, step: int, grad_norm: bool = False) -> None:
+    def gradients(self, step: int, grad_norm: bool = False,
+                  eps: torch.Tensor | None = None) -> None:  # fmt: skip
         """Forward and backward on the next batch: ``.grad`` (the flat ``grad``) for this step.
 
-        With ``optim.perturb`` (C-SGD baselines) the gradient is taken at a perturbed
-        point and the parameters restored exactly from a copy afterwards:
-        ``sam`` at ``x + rho g/||g||``, ``avg_sam`` at ``x + eps``, eps ~ N(0,
-        perturb_xi2 / d I) drawn from (seed, rank, step), i.e. perturbations whose
-        consensus distance is ``perturb_xi2`` (x = x̄ in C-SGD).
+        The C-SGD baselines take the gradient elsewhere and restore the parameters
+        exactly from a copy afterwards: ``optim.perturb: sam`` at ``x + rho g/||g||``
+        (g at x first), and at ``x + eps`` when the caller gives ``eps``
+        (:mod:`dsgd_mpi.perturb`: average-direction SAM, Gaussian smoothing).
         """
         assert self._batches is not None, "call start(step) first"
         images, labels = next(self._batches)
@@ -89,11 +88,9 @@ class Replica:
             with kept_statistics(self.model.buffers()):  # one BatchNorm update a step, at x
                 self._backward(images, labels, record=False)
             params.copy_(saved)
-        elif o.perturb == "avg_sam" and o.perturb_xi2 > 0:
-            g = generator(Stream.PERTURB, self.seed, self.rank, step, device=params.device)
-            eps = torch.randn(params.shape, generator=g, device=params.device)
+        elif eps is not None:
             saved = params.clone()
-            params.add_(eps, alpha=(o.perturb_xi2 / params.numel()) ** 0.5)
+            params.add_(eps)
             self._backward(images, labels, record=True)
             params.copy_(saved)
         else:
@@ -191,9 +188,10 @@ class Replicas:
         for r in self.items:
             r.start(step)
 
-    def gradients(self, step: int, grad_norm: bool = False) -> None:
-        for r in self.items:
-            r.gradients(step, grad_norm)
+    def gradients(self, step: int, grad_norm: bool = False,
+                  eps: Sequence[torch.Tensor] | None = None) -> None:  # fmt: skip
+        for k, r in enumerate(self.items):
+            r.gradients(step, grad_norm, None if eps is None else eps[k])
 
     def apply(self, lr: float) -> None:
         for r in self.items:

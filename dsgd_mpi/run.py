@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsgd_mpi import assemble, checkpoint
+from dsgd_mpi import assemble, checkpoint, perturb
 from dsgd_mpi import comm as mpi
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.allocator import keep_freed_memory
@@ -144,10 +144,13 @@ def build(
         for split in (True, False)
     )
     replicas = assemble.make_replicas(cfg, [rank], n, train, device)
+    shadow = None
+    if perturb.carries_dsgd(cfg):  # the D-SGD run that avg-SAM imitates, beside this one
+        shadow = perturb.Shadow(cfg, group, assemble.make_replicas(cfg, [rank], n, train, device))
     attrs = assemble.run_attrs(cfg, n, "mpi", mpi.library_version())
     trainer = assemble.make_trainer(cfg, group, replicas, train, test, device, attrs=attrs,
-                                    reference=reference or {}, resume_step=resume,
-                                    log=log)  # fmt: skip
+                                    reference=reference or {}, resume_step=resume, log=log,
+                                    shadow=shadow)  # fmt: skip
     log(
         f"dsgd_mpi: {n} ranks, {cfg.topology.name}, {cfg.model.name} "
         f"({replicas.measured:,} params) on {d.name}, {trainer.spe} steps/epoch, {device}, "

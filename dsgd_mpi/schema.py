@@ -160,15 +160,21 @@ class OptimConfig:
     """Fractions of run.epochs at which the lr is multiplied by decay."""
     decay: Annotated[float, Field(gt=0, le=1)] = 0.1
     """Factor applied to the lr at each milestone."""
-    perturb: Literal["none", "sam", "avg_sam"] = "none"
-    """C-SGD baselines: gradient at x + rho g/|g| (sam) or at xbar + N(0, perturb_xi2/d I)."""
+    perturb: Literal["none", "sam", "avg_sam", "gaussian"] = "none"
+    """C-SGD baselines: gradient at x + rho g/|g| (sam), x̄ + D-SGD deviations, x̄ + N(0, s I)."""
     rho: NonNegFloat = 0.05
     """perturb=sam: radius of the ascent step."""
-    perturb_xi2: NonNegFloat = 0.0
-    """perturb=avg_sam: total variance of the Gaussian perturbation (a D-SGD run's Xi^2)."""
+    perturb_topology: TopologyName = "ring"
+    """avg_sam, gaussian: graph of the D-SGD replicas run beside, whose deviations eps imitates."""
+    perturb_xi2: NonNegFloat | None = None
+    """perturb=gaussian: the fixed trace Xi^2 of eps ~ N(0, Xi^2/d I); null: the carried D-SGD's."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
+        if self.perturb_xi2 is not None and self.perturb != "gaussian":
+            raise _Invalid("perturb_xi2", f"only perturb gaussian takes a fixed trace; "
+                                          f"{self.perturb} draws from the carried D-SGD replicas "
+                                          f"(got {_fmt(self.perturb_xi2)})")  # fmt: skip
         if self.warmup_steps and self.warmup_epochs:
             raise _Invalid("warmup_steps", "give warmup_steps or warmup_epochs, not both")
         ms = self.milestones

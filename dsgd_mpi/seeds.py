@@ -26,8 +26,9 @@ class Stream(IntEnum):
     AUGMENT = 4  # crop and flip of one batch: (seed, rank, epoch, batch)
     SYNTH = 5  # synthetic data set: (seed[, train])
     SKETCH = 6  # CountSketch of the consensus measure: (seed, step)
-    PERTURB = 7  # average-direction SAM noise: (seed, rank, step)
+    PERTURB = 7  # isotropic smoothing noise (perturb gaussian): (seed, rank, step)
     SHARPNESS = 8  # sharpness subset and random vectors: (seed, evaluation step)
+    AVERAGE_DIRECTION = 9  # avg-SAM's coefficients z_ij of the D-SGD deviations: (seed, step)
 
 
 def derive_seed(*parts: int) -> int:

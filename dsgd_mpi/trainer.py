@@ -26,6 +26,7 @@ from dsgd_mpi.control import TargetPolicy
 from dsgd_mpi.evaluation.evaluate import Evaluator
 from dsgd_mpi.group import Group
 from dsgd_mpi.metrics import MetricsWriter
+from dsgd_mpi.perturb import Perturbation
 from dsgd_mpi.replica import Replicas
 from dsgd_mpi.topology import Topology
 
@@ -48,8 +49,10 @@ class Trainer:
         policy: TargetPolicy,
         timeline: schedule.Timeline,
         checkpoints: checkpoint.Checkpointer,
+        perturbation: Perturbation | None = None,
     ) -> None:
         self.cfg, self.group, self.replicas, self.evaluator = cfg, group, replicas, evaluator
+        self.perturbation = perturbation or Perturbation()
         self.writer, self.log, self.policy, self.checkpoints = writer, log, policy, checkpoints
         self.n = group.size
         topology = Topology(cfg.topology.name, self.n, seed=cfg.topology.seed)
@@ -69,6 +72,7 @@ class Trainer:
     def run(self) -> dict | None:
         """Train to the end (returns the last evaluation) or until a stop signal (None)."""
         self.replicas.start(self.step)
+        self.perturbation.start(self.step)
         while self.step < self.total_steps:
             self.train_step()
             self._maybe_evaluate()
@@ -99,7 +103,9 @@ class Trainer:
         if averaging and not self._agreeing(self.step):
             stats = self.consensus.average()
         adaptive = self.policy.needs_gradient_norm(phase)
-        self.replicas.gradients(self.step, grad_norm=adaptive)
+        eps = self.perturbation.draw(self.step)  # avg-SAM: from the D-SGD run carried beside
+        self.replicas.gradients(self.step, grad_norm=adaptive, eps=eps)
+        self.perturbation.step(self.step, lr)
         if adaptive:  # the target must be the same on every replica: reduce first
             self.policy.observe(phase, float(self.group.sum(self.replicas.grad_sq())[0]) / self.n)
         logged = self._row_due(phase, self.step + 1)
@@ -243,7 +249,15 @@ class Trainer:
             "gossip_t": self.consensus.mixer.t,
             "policy": self.policy.state(), "totals": dict(self.totals), "peaks": dict(self.peaks),
             "last_eval": {k: float(v) for k, v in self.last_eval.items()},
+            **self._shadow_state(index),
         }  # fmt: skip
+
+    def _shadow_state(self, index: int) -> dict:
+        shadow = self.perturbation.shadow
+        if shadow is None:
+            return {}
+        return {"shadow": shadow.replicas.items[index].state_dict(),
+                "shadow_t": shadow.consensus.mixer.t}  # fmt: skip
 
     def load_state_dict(self, states: list[dict]) -> None:
         state = states[0]
@@ -257,6 +271,11 @@ class Trainer:
             for i, rng in enumerate(saved[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(rng, i)
         self.consensus.mixer.t = int(state["gossip_t"])
+        shadow = self.perturbation.shadow
+        if shadow is not None:
+            for replica, s in zip(shadow.replicas.items, states, strict=True):
+                replica.load_state_dict(s["shadow"])
+            shadow.consensus.mixer.t = int(state["shadow_t"])
         self.policy.load_state(state["policy"])
         self.totals.update(state["totals"])
         self.peaks.update(state.get("peaks", {}))  # checkpoints older than the peaks: NaN

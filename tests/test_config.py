@@ -93,6 +93,30 @@ BAD = [
     ),
     ("factor <= 0", "consensus: {phases: [{factor: 0}]}\n", (), "consensus.phases.0.factor"),
     (
+        "factor_unit without constant",
+        "consensus: {phases: [{target: adaptive, factor_unit: squared}]}\n",
+        (),
+        "consensus.phases.0.factor_unit",
+    ),
+    (
+        "factor_unit unknown",
+        "consensus: {phases: [{target: constant, reference: 1.0, factor_unit: root}]}\n",
+        (),
+        "consensus.phases.0.factor_unit",
+    ),
+    (
+        "a fixed trace for avg_sam",
+        "topology: {name: complete}\noptim: {perturb: avg_sam, perturb_xi2: 0.1}\n",
+        (),
+        "optim.perturb_xi2",
+    ),
+    (
+        "a carried graph that is not a topology",
+        "topology: {name: complete}\noptim: {perturb: avg_sam, perturb_topology: star}\n",
+        (),
+        "optim.perturb_topology",
+    ),
+    (
         "max_rounds 0",
         "consensus: {phases: [{max_rounds: 0}]}\n",
         (),

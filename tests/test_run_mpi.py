@@ -63,8 +63,9 @@ def test_same_seed_same_loss_trajectory(shared):
 @pytest.mark.mpi
 def test_step_invariants_and_instruments_against_numpy(tmp_path):
     """C-SGD steps, gossip at lr 0, every logged distance recomputed from the gathered
-    parameters, C-SGD = single-model SGD in both orders (tests/mpi/train_invariants.py)."""
-    modes = ("complete", "ring_lr0", "distances", "csgd")
+    parameters, C-SGD = single-model SGD in both orders, avg-SAM's reduce-scatter
+    (tests/mpi/train_invariants.py)."""
+    modes = ("complete", "ring_lr0", "distances", "csgd", "avg_sam")
     out = check_ranks(4, ["tests/mpi/train_invariants.py", ",".join(modes), _config(tmp_path),
                           str(tmp_path / "instruments")], timeout=300)  # fmt: skip
     for mode in modes:

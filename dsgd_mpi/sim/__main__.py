@@ -16,13 +16,14 @@ import sys
 
 import torch
 
-from dsgd_mpi import assemble, checkpoint
+from dsgd_mpi import assemble, checkpoint, perturb
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.allocator import keep_freed_memory
 from dsgd_mpi.config import ConfigError
 from dsgd_mpi.control import reference_maxima
 from dsgd_mpi.data import DataError, load
 from dsgd_mpi.launch import threads_for
+from dsgd_mpi.replica import Replicas
 from dsgd_mpi.sim.group import SimGroup
 from dsgd_mpi.trainer import Trainer
 
@@ -86,26 +87,33 @@ def build(cfg, workers: int, mode: str = "fast", reference: dict | None = None,
              seed=cfg.run.seed)  # fmt: skip
         for split in (True, False)
     )
-    group = SimGroup(workers)
-    ranks = list(group.ranks)
-    if mode == "reference":
-        replicas = assemble.make_replicas(cfg, ranks, group.size, train, device)
-    else:
-        from dsgd_mpi.sim.fast import make_fast_replicas
-
-        replicas = make_fast_replicas(cfg, ranks, group.size, train, device)
-        group = SimGroup(group.size, stack=replicas.stack)
+    replicas, group = _replicas(cfg, workers, mode, train, device)
+    shadow = None
+    if perturb.carries_dsgd(cfg):  # the D-SGD run that avg-SAM imitates, beside this one
+        shadow = perturb.Shadow(cfg, *_replicas(cfg, workers, mode, train, device)[::-1])
     attrs = assemble.run_attrs(cfg, group.size, "sim", "none")
     attrs["sim_mode"] = mode
     trainer = assemble.make_trainer(cfg, group, replicas, train, test, device, attrs=attrs,
-                                    reference=reference or {}, resume_step=resume,
-                                    log=log)  # fmt: skip
+                                    reference=reference or {}, resume_step=resume, log=log,
+                                    shadow=shadow)  # fmt: skip
     log(
         f"dsgd_mpi.sim ({mode}): {group.size} replicas, {cfg.topology.name}, {cfg.model.name} "
         f"({replicas.measured:,} params) on {d.name}, {trainer.spe} steps/epoch, {device}, "
         f"{threads} thread(s), metrics -> {assemble.run_path(cfg)}"
     )
     return trainer
+
+
+def _replicas(cfg, workers: int, mode: str, train, device) -> tuple[Replicas, SimGroup]:
+    """Every replica, as MPI ranks build them (reference) or as one stack (fast), and the
+    group that mixes them."""
+    ranks = list(range(workers))
+    if mode == "reference":
+        return assemble.make_replicas(cfg, ranks, workers, train, device), SimGroup(workers)
+    from dsgd_mpi.sim.fast import make_fast_replicas
+
+    replicas = make_fast_replicas(cfg, ranks, workers, train, device)
+    return replicas, SimGroup(workers, stack=replicas.stack)
 
 
 def _train(cfg, group: SimGroup, mode: str, reference: dict, resume: int | None) -> int:

@@ -29,7 +29,6 @@ from dsgd_mpi.flat import allocate, flatten
 from dsgd_mpi.mixing import buckets_signs_torch
 from dsgd_mpi.models import build_model
 from dsgd_mpi.replica import kept_statistics
-from dsgd_mpi.seeds import Stream, generator
 from dsgd_mpi.shards import DEFAULT_MAX_DEVICE_BYTES, ShardedLoader
 from dsgd_mpi.topology import Topology
 
@@ -147,7 +146,8 @@ class FastReplicas:
             yield from loader.batches(epoch, start=start)
             epoch, start = epoch + 1, 0
 
-    def gradients(self, step: int, grad_norm: bool = False) -> None:
+    def gradients(self, step: int, grad_norm: bool = False,
+                  eps: Sequence[torch.Tensor] | None = None) -> None:  # fmt: skip
         batches = [next(s) for s in self._streams]
         images = torch.stack([b[0] for b in batches])
         labels = torch.stack([b[1] for b in batches])
@@ -161,15 +161,9 @@ class FastReplicas:
             with kept_statistics(self._buffers.values()):  # one BatchNorm update a step, at x
                 self._backward(images, labels, record=False)
             self.params.copy_(saved)
-        elif o.perturb == "avg_sam" and o.perturb_xi2 > 0:
-            m, device = self.measured, self.params.device
-            eps = torch.stack([
-                torch.randn(m, generator=generator(Stream.PERTURB, self.cfg.run.seed, i, step,
-                                                   device=device), device=device)
-                for i in self.ranks
-            ])  # fmt: skip
+        elif eps is not None:
             saved = self.params.clone()
-            self.params.add_(eps, alpha=(o.perturb_xi2 / m) ** 0.5)
+            self.params.add_(torch.stack(list(eps)))
             self._backward(images, labels, record=True)
             self.params.copy_(saved)
         else:

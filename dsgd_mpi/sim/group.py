@@ -57,6 +57,14 @@ class SimGroup:
             out.copy_(parts[0])
         return out
 
+    def combine_(
+        self, coeffs: np.ndarray, parts: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
+    ) -> None:
+        stacked = torch.stack(list(parts))
+        c = torch.as_tensor(coeffs, dtype=stacked.dtype, device=stacked.device)
+        for i, out in zip(self.ranks, outs, strict=True):
+            torch.mv(stacked.t(), c[i], out=out)
+
     def mixer(self, topology: Topology, flats: Sequence[torch.Tensor], measured: int):
         if self.stack is not None:
             from dsgd_mpi.sim.fast import StackMixer

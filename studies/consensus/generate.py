@@ -10,8 +10,8 @@ world size: ``plan_sim_nN_sS.txt`` per seed (``python -m dsgd_mpi.study --sim N`
 line per run, ``CONFIG run.seed=S run.name=CELL_sS [references]``, the
 uncontrolled reference runs before the controlled runs that read them. The
 claim-1 cells run on both backends from the same YAML; the MPI runs are named
-``CELL_mpi_sS``. Claim 9's C-SGD with average-direction SAM takes its
-perturbation from the D-SGD run of the same seed, so its plan is written after
+``CELL_mpi_sS``. Claim 9's C-SGD with Gaussian smoothing takes its
+perturbation's trace from the D-SGD run of the same seed, so its plan is written after
 that run finished (``--avg-sam``). Cells (``dec-phase-K``: the consensus
 controlled in phase K, exact averaging in the others; phases are the intervals
 between the lr decays; ``fF``: the exact distance held at F x the phase's
@@ -24,7 +24,9 @@ largest distance in the uncontrolled ``dec-phase-K_none`` run of that seed):
   guideline_f0.25 (phase 1 at 1/4, later free), whole_f0.25 (every phase at 1/4)      4
   target_{ring,onepeer}         rounds to meet one exact-distance rule, short runs    5
   zhu_{sb,lb}_{ring,csgd}       16 x 16 vs 16 x 128, steps fixed, momentum-free      6-8
-  zhu_lb_avgsam                 C-SGD + average-direction SAM at D-SGD's distance     9
+  zhu_lb_avgsam                 C-SGD + isotropic smoothing at D-SGD's mean distance  9
+                                (what the second edition ran under the name avg-SAM;
+                                Zhu et al.'s average direction is optim.perturb avg_sam)
 """
 
 from __future__ import annotations
@@ -240,7 +242,7 @@ def cells(s: dict) -> list[Cell]:
                 body = zhu(s, batch, topo, sharpness=size == "lb")
                 out.append(Cell(f"zhu_{size}_{short}_n{n}", n, body, part="other"))
         body = zhu(s, z["large"], "complete", True,
-                   optim={"perturb": "avg_sam", "perturb_xi2": 0.0})  # fmt: skip
+                   optim={"perturb": "gaussian", "perturb_xi2": 0.0})  # fmt: skip
         out.append(Cell(f"zhu_lb_avgsam_n{n}", n, body, stage=2))
     return out
 

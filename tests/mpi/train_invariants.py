@@ -11,6 +11,8 @@ distances  -> every logged consensus_exact equals Xi^2 recomputed from the gathe
               parameters, in D-SGD and exact phases, both orders, every measure
 csgd       -> C-SGD (complete, plain SGD) in both orders equals single-model SGD on
               the union of the ranks' batches (tests/instruments.py)
+avg_sam    -> each rank's average-direction eps is its row of the coefficients times
+              every rank's carried D-SGD replica (the reduce-scatter against numpy)
 """
 
 import sys
@@ -126,8 +128,32 @@ def csgd(out_dir: str) -> None:
         print("ok csgd", flush=True)
 
 
+def avg_sam(out_dir: str) -> None:
+    """Each rank's eps is its own combination of every rank's D-SGD replica (numpy)."""
+    cfg = config(CSGD, {"optim": {"perturb": "avg_sam", "momentum": 0.9},
+                        "run": {"out_dir": out_dir, "name": "avg_sam"}})  # fmt: skip
+    trainer = build(comm, cfg)
+    trainer.replicas.start(0)
+    trainer.perturbation.start(0)
+    for _ in range(4):
+        trainer.train_step()
+    perturbation = trainer.perturbation
+    (y,) = perturbation.shadow.params()
+    ys = gathered(y).astype(np.float64)
+    assert ((ys - ys.mean(0)) ** 2).sum() > 0, "the carried D-SGD replicas never moved apart"
+    for step in (4, 99):
+        (eps,) = perturbation.draw(step)
+        expected = perturbation.coefficients(step) @ ys
+        np.testing.assert_allclose(gathered(eps), expected, rtol=1e-4, atol=1e-6,
+                                   err_msg=f"draw at step {step}")  # fmt: skip
+    if rank == 0:
+        print("ok avg_sam", flush=True)
+
+
 for mode in sys.argv[1].split(","):  # one job for every mode: torch starts once
-    if mode == "distances":
+    if mode == "avg_sam":
+        avg_sam(sys.argv[3])
+    elif mode == "distances":
         distances(sys.argv[3])
     elif mode == "csgd":
         csgd(sys.argv[3])
