@@ -137,6 +137,8 @@ def bench_gossip(
         "control_s": control_s,
         "control_over_round": control_s / gossip_s if gossip_s > 0 else float("nan"),
         "bytes_per_round": gossiper.bytes_last_round,
+        # what was timed, counted by the objects themselves (warm-up included)
+        "gossip_rounds_run": gossiper.t, "bare_rounds_run": state["t"],
         "step_rounds": STEP_ROUNDS,
         **{f"step_{name}_s": per_step[name] for name in MEASURES},
         **{f"{name}_over_estimate": per_step[name] / per_step["estimate"]
@@ -226,6 +228,8 @@ def bench_step(
         "csgd_step_s": csgd_s,
         "dsgd_comm_share": max(0.0, dsgd_s - update_s) / dsgd_s,
         "csgd_over_dsgd": csgd_s / dsgd_s,
+        # what was timed, counted by the gossipers themselves (warm-up included)
+        "gossip_rounds_run": gossiper.t, "averages_run": averager.t,
         "threads": torch.get_num_threads(),
         "device": str(device),
         "device_buffers": "host" if device.type == "cpu" else
