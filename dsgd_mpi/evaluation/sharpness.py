@@ -126,7 +126,7 @@ def _check_iterations(tol: float, max_iter: int, min_iter: int = 1) -> None:
 
 def lanczos_max(
     hvp: Operator, dim: int, *, generator: torch.Generator, tol: float = 1e-3,
-    max_iter: int = 60,
+    max_iter: int = 60, min_iter: int = 1,
 ) -> tuple[float, float, int]:
     """Largest Hessian eigenvalue by Lanczos; returns (lambda_max, relative residual, HVPs).
 
@@ -135,15 +135,15 @@ def lanczos_max(
     reorthogonalisation (the basis is kept: ``max_iter`` vectors of ``dim``) and,
     after every product, the tridiagonal T_k's largest eigenvalue theta with its
     Ritz vector y. Its residual ``||H y - theta y|| = beta_k |s_k|`` (s the
-    eigenvector of T_k) costs no product; stop once it is at most ``tol * |theta|``,
-    or after ``max_iter`` products. The residual bounds the error of theta (by
+    eigenvector of T_k) costs no product; stop once it is at most ``tol * |theta|``
+    and ``min_iter`` products are in, or after ``max_iter`` products. The residual bounds the error of theta (by
     itself, and by residual^2 / gap once the next eigenvalue is ``gap`` away), so
     a reader can tell a value from a guess: it is returned and logged. Unlike power
     iteration, which stalls when the top two eigenvalues are close and finds the
     largest *magnitude*, Lanczos converges to the algebraically largest eigenvalue
     at a rate set by the gap relative to the whole spectrum's width.
     """
-    _check_iterations(tol, max_iter)
+    _check_iterations(tol, max_iter, min_iter)
     v = torch.randn(dim, generator=generator, device=generator.device)
     basis: list[torch.Tensor] = []
     alphas: list[float] = []
@@ -164,7 +164,9 @@ def lanczos_max(
         values, vectors = np.linalg.eigh(_tridiagonal(alphas, betas))
         theta = float(values[-1])
         residual = beta * abs(float(vectors[-1, -1]))
-        if residual <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30):
+        if beta <= 1e-12 * max(abs(theta), 1e-30):  # an invariant subspace: exact
+            return theta, residual / max(abs(theta), 1e-30), k
+        if residual <= tol * abs(theta) and k >= min_iter:
             return theta, residual / max(abs(theta), 1e-30), k
         betas.append(beta)
         v = w / beta
