@@ -136,8 +136,9 @@ def lanczos_max(
     after every product, the tridiagonal T_k's largest eigenvalue theta with its
     Ritz vector y. Its residual ``||H y - theta y|| = beta_k |s_k|`` (s the
     eigenvector of T_k) costs no product; stop once it is at most ``tol * |theta|``
-    and ``min_iter`` products are in, or after ``max_iter`` products. The residual bounds the error of theta (by
-    itself, and by residual^2 / gap once the next eigenvalue is ``gap`` away), so
+    and ``min_iter`` products are in, or after ``max_iter`` products. The residual
+    bounds the error of theta (by itself, and by residual^2 / gap once the next
+    eigenvalue is ``gap`` away), so
     a reader can tell a value from a guess: it is returned and logged. Unlike power
     iteration, which stalls when the top two eigenvalues are close and finds the
     largest *magnitude*, Lanczos converges to the algebraically largest eigenvalue
