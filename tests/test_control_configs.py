@@ -83,31 +83,29 @@ def test_control_config_reads_its_reference_in_the_same_measure(path, tmp_path, 
             assert got[k] == pytest.approx(maxima[k]), "not the phase's maximum of Xi^2"
 
 
-def test_a_reference_logged_every_fifth_step_without_step_maxima_is_refused(tmp_path,
-                                                                          monkeypatch):  # fmt: skip
-    """Its rows miss the steps between them: their maximum would sit below Xi^2_max."""
+def _refused_reference(tmp_path, monkeypatch, **placeholder) -> ConfigError:
+    """The error of dec-phase-1_f0.25 reading a placeholder reference made thus."""
     monkeypatch.chdir(tmp_path)
     path = CONTROL / "fmnist_ring_n16_dec-phase-1_f0.25.yaml"
     cfg = load_config(str(path), ["data.download=true"])
     reference = CONTROL / "fmnist_ring_n16_dec-phase-1_none.yaml"
     _placeholder(tmp_path / cfg.consensus.phases[0].reference_run, reference, 16, {0: 1e-3},
-                 peaks=False)  # fmt: skip
-    with pytest.raises(ConfigError, match="every step") as info:
-        reference_maxima(cfg, 16)
-    assert info.value.key == "consensus.phases.0.reference_run"
-
-
-def test_an_estimate_only_reference_is_refused_for_an_exact_target(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = CONTROL / "fmnist_ring_n16_dec-phase-1_f0.25.yaml"
-    cfg = load_config(str(path), ["data.download=true"])
-    reference = CONTROL / "fmnist_ring_n16_dec-phase-1_none.yaml"
-    _placeholder(tmp_path / cfg.consensus.phases[0].reference_run, reference, 16, {0: 1e-3},
-                 measure_ok=False)  # fmt: skip
+                 **placeholder)  # fmt: skip
     with pytest.raises(ConfigError) as info:
         reference_maxima(cfg, 16)
     assert info.value.key == "consensus.phases.0.reference_run"
-    assert "make the reference run" in str(info.value)
+    return info.value
+
+
+def test_a_reference_logged_every_fifth_step_without_step_maxima_is_refused(tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """Its rows miss the steps between them: their maximum would sit below Xi^2_max."""
+    assert "every step" in str(_refused_reference(tmp_path, monkeypatch, peaks=False))
+
+
+def test_an_estimate_only_reference_is_refused_for_an_exact_target(tmp_path, monkeypatch):
+    error = _refused_reference(tmp_path, monkeypatch, measure_ok=False)
+    assert "make the reference run" in str(error)
 
 
 @pytest.mark.parametrize(
