@@ -115,7 +115,9 @@ def _reference_file(path, world_size: int, cfg: dict) -> None:
         steps = f.create_group("steps")
         steps["epoch"] = np.linspace(0.1, 1.0, 10)
         steps["phase"] = np.zeros(10, dtype=np.int64)
+        steps["step"] = np.arange(1, 11)
         steps["consensus_estimate"] = np.full(10, 1e-3)
+        steps["consensus_estimate_max"] = np.full(10, 1e-3)  # the largest of every step
 
 
 @pytest.mark.mpi
@@ -132,7 +134,7 @@ def test_a_file_only_rank_0_sees_is_validated_once_and_the_run_works(tmp_path):
     done = finish(start_mpmd([(str(tmp_path / "a"), args), (str(tmp_path / "b"), args)]), 180)
     assert done.returncode == 0, done.stdout + done.stderr
     with h5py.File(tmp_path / "runs" / "tiny.h5", "r", locking=False) as f:
-        assert (f["steps"]["target"][:] == 0.5e-3).all()
+        assert (f["steps"]["target"][:] == 0.5**2 * 1e-3).all()  # factor 0.5 of the distance
 
 
 def _idx(path, array: np.ndarray) -> None:
