@@ -219,3 +219,17 @@ def test_small_cnns_stacked_step_is_the_vmapped_step(tmp_path):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(stacked[0][0], stacked[0][1])  # three different replicas
+
+
+def test_the_simulators_all_reduce_estimate_is_summed_in_float64():
+    """||x̄ - x_i||^2 of the float32 difference the round formed, summed in float64 (a
+    float32 dot of 10^5 terms is off in its 5th digit)."""
+    from dsgd_mpi.sim.group import SimGroup
+    from dsgd_mpi.topology import Topology
+
+    x = np.random.default_rng(0).standard_normal((4, 100_000)).astype(np.float32)
+    flats = [torch.from_numpy(row.copy()) for row in x]
+    rows = SimGroup(4).mixer(Topology("complete", 4), flats, 100_000).round()
+    avg = (((x[0] + x[1]) + x[2]) + x[3]) * np.float32(0.25)  # the replica-order sum
+    d = (avg - x).astype(np.float64)
+    np.testing.assert_allclose(rows[:, 0], (d**2).sum(axis=1), rtol=1e-12)

@@ -96,6 +96,11 @@ def check(comm, rounds: int, numel: int, chunk: int, measured: int, extra: list[
                     all_local[:, r], want_local, rtol=2e-4, atol=1e-6,
                     err_msg=f"{name} {path} n={n} round {r}: local ||x'-x||^2",
                 )  # fmt: skip
+                if topo.is_allreduce:  # d = x̄ - x in float32 as the rank formed it: its
+                    before = X if r == 0 else all_rows[:, r - 1, :]  # norm summed in float64
+                    d32 = (all_rows[:, r, :] - before)[:, :measured].astype(np.float64)
+                    np.testing.assert_allclose(all_local[:, r], (d32**2).sum(axis=1),
+                                               rtol=1e-12, err_msg=f"{name} n={n}: float64")
                 lam = topo.lambda2()
                 if lam is not None and lam < 1 - 1e-9 and n > 1 and measured == numel:
                     xi2_before = ((ref - ref.mean(axis=0)) ** 2).sum(axis=1).mean()
