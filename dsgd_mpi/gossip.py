@@ -39,7 +39,7 @@ import weakref
 import torch
 
 from dsgd_mpi import comm as mpi
-from dsgd_mpi import mixing
+from dsgd_mpi import mixing, rounds
 from dsgd_mpi.flat import allocate
 from dsgd_mpi.mixing import DEFAULT_CHUNK, chunk_bounds
 from dsgd_mpi.topology import Exchange, Topology
@@ -173,15 +173,25 @@ class Gossiper:
             return 0.0, 0.0
         if self.topology.is_allreduce:
             return self._allreduce()
-        exchanges = self.topology.exchanges(self.rank, t)
-        self.bytes_last_round = 4 * self.flat.numel() * len(exchanges)
-        if sketch is not None:
-            sketch.zero_()
-        measure = (xbar, sketch, seed)
-        if not exchanges:  # e.g. the rank that sits out an odd random matching: x' = x
-            return self._measure_only(measure)
-        plan = self._plan(exchanges)
-        return self._pipelined(plan, measure) if self.pipeline else self._host(plan, measure)
+        plan = rounds.plan(self.topology, self.rank, t, self.flat.numel())
+        self.bytes_last_round = plan.bytes_sent
+        measure = rounds.measure_of(xbar, sketch, seed)
+        requests = self._plan(plan.exchanges).requests if plan.exchanges else []
+        if self.pipeline:
+            if sketch is not None:
+                sketch.zero_()
+            if not requests:  # e.g. the rank that sits out an odd random matching: x' = x
+                return self._measure_only(measure)
+            return self._pipelined(self._plan(plan.exchanges), measure)
+
+        def fetch(c: int, lo: int, hi: int) -> list[torch.Tensor]:
+            if requests:  # every peer's requests of the chunk posted together, then waited
+                mpi.start_all(requests[c])
+                mpi.wait_all(requests[c])
+            return [slots[0][: hi - lo] for slots in self._recv[: len(plan.exchanges)]]
+
+        return rounds.mix_chunks(self.flat, self.chunks, plan.weights, self._scratch, fetch,
+                                 measure)  # fmt: skip
 
     def exchange(self) -> None:
         """The communication of one round alone: the same messages, no mixing.
@@ -198,48 +208,16 @@ class Gossiper:
                 mpi.start_all(reqs)
                 mpi.wait_all(reqs)
 
-    def _kernel_args(self, measure, lo: int, hi: int, host: bool) -> dict:
-        """The measure's slice of a measured chunk, for the mixing kernel."""
-        xbar, sketch, seed = measure
-        args: dict = {}
-        if xbar is not None:
-            args["xbar"] = xbar[lo:hi].numpy() if host else xbar[lo:hi]
-        if sketch is not None:
-            args["sketch"] = (sketch.numpy() if host else sketch, lo, seed)
-        return args
-
-    def _host(self, plan: _Plan, measure) -> tuple[float, float]:
-        x_all = self.flat.numpy()
-        recv = [slots[0].numpy() for slots in self._recv]
-        scratch = self._scratch.numpy()
-        estimate = distance = 0.0
-        for (lo, hi, measured), reqs in zip(self.chunks, plan.requests, strict=True):
-            mpi.start_all(reqs)
-            mpi.wait_all(reqs)
-            m = hi - lo
-            received = [r[:m] for r in recv[: len(plan.weights)]]
-            args = self._kernel_args(measure, lo, hi, host=True) if measured else {}
-            e, d = mixing.mix_numpy(x_all[lo:hi], received, plan.weights, scratch[:m], **args)
-            if measured:
-                estimate, distance = estimate + e, distance + d
-        return estimate, distance
-
-    def _measure_only(self, measure) -> tuple[float, float]:
-        """A round without exchanges leaves x as it is; the measure still needs its share."""
-        if measure[0] is None and measure[1] is None:
+    def _measure_only(self, measure: dict) -> tuple[float, float]:
+        """Device path, a round without exchanges: x stays; the measure needs its share."""
+        if not measure:
             return 0.0, 0.0
         acc = self._acc.zero_()
         for lo, hi, measured in self.chunks:
-            if not measured:
-                continue
-            x = self.flat[lo:hi]
-            if self.pipeline:
-                args = self._kernel_args(measure, lo, hi, host=False)
-                mixing.mix_torch_into(acc, x, [], [], self._scratch[: hi - lo], **args)
-            else:
-                args = self._kernel_args(measure, lo, hi, host=True)
-                _, d = mixing.mix_numpy(x.numpy(), [], [], self._scratch[: hi - lo].numpy(), **args)
-                acc[1] += d
+            if measured:
+                args = rounds.kernel_args(measure, lo, hi)
+                mixing.mix_torch_into(acc, self.flat[lo:hi], [], [], self._scratch[: hi - lo],
+                                      **args)  # fmt: skip
         return 0.0, float(acc[1])
 
     def _pipelined(self, plan: _Plan, measure) -> tuple[float, float]:
@@ -280,7 +258,7 @@ class Gossiper:
                     torch.cuda.current_stream(dev.device).wait_event(up[c])
             scratch = self._scratch[:m]
             if measured:
-                args = self._kernel_args(measure, lo, hi, host=False)
+                args = rounds.kernel_args(measure, lo, hi)
                 mixing.mix_torch_into(acc, x[lo:hi], received, plan.weights, scratch, **args)
             else:
                 mixing.mix_torch_into(self._discard, x[lo:hi], received, plan.weights, scratch)

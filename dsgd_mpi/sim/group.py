@@ -1,9 +1,10 @@
 """The collectives of a run whose replicas all live in this process.
 
-Sums are taken in replica order; gossip mixes every replica with the MPI
-Gossiper's own kernel, on the same chunks, from the values the neighbours held
-before the round (what MPI would have delivered), copied into receive buffers
-allocated as the Gossiper allocates its own.
+Sums are taken in replica order; gossip runs the MPI Gossiper's own round
+(:mod:`dsgd_mpi.rounds`: the same plan, chunks and kernel) for every replica,
+from the values the neighbours held before the round (what MPI would have
+delivered), copied into receive buffers allocated as the Gossiper allocates
+its own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dsgd_mpi import mixing
+from dsgd_mpi import rounds
 from dsgd_mpi.flat import allocate
 from dsgd_mpi.mixing import DEFAULT_CHUNK, chunk_bounds
 from dsgd_mpi.topology import Topology
@@ -103,7 +104,6 @@ class SimMixer:
         t, self.t = self.t, self.t + 1
         n = self.topology.n
         rows = np.zeros((n, 2))
-        numel = self.flats[0].numel()
         if n == 1:
             self.bytes_last_round = 0
             return rows
@@ -113,39 +113,19 @@ class SimMixer:
             before.copy_(x)
         sent = 0
         for i, x in enumerate(self.flats):
-            exchanges = self.topology.exchanges(i, t)
-            sent = max(sent, 4 * numel * len(exchanges))
-            args = dict(measures[i]) if measures else {}
-            rows[i] = self._mix(x, exchanges, args)
+            plan = rounds.plan(self.topology, i, t, x.numel())
+            sent = max(sent, plan.bytes_sent)
+
+            def fetch(c: int, lo: int, hi: int, plan=plan) -> list[torch.Tensor]:
+                # what MPI would have put in receive buffer k: the peer's chunk before the round
+                return [self._recv[k][: hi - lo].copy_(self._before[e.recv_from][lo:hi])
+                        for k, e in enumerate(plan.exchanges)]  # fmt: skip
+
+            measure = dict(measures[i]) if measures else {}
+            rows[i] = rounds.mix_chunks(x, self.chunks, plan.weights, self._scratch, fetch,
+                                        measure)  # fmt: skip
         self.bytes_last_round = sent
         return rows
-
-    def _mix(self, x: torch.Tensor, exchanges, args: dict) -> tuple[float, float]:
-        xbar, sketch, seed = args.get("xbar"), args.get("sketch"), args.get("seed", 0)
-        if sketch is not None:
-            sketch.zero_()
-        weights = [e.weight for e in exchanges]
-        estimate = distance = 0.0
-        for lo, hi, measured in self.chunks:
-            m = hi - lo
-            received = []
-            for k, e in enumerate(exchanges):  # what MPI would have put in receive buffer k
-                self._recv[k][:m].copy_(self._before[e.recv_from][lo:hi])
-                received.append(self._recv[k][:m])
-            kwargs = {}
-            if measured and xbar is not None:
-                kwargs["xbar"] = xbar[lo:hi]
-            if measured and sketch is not None:
-                kwargs["sketch"] = (sketch, lo, seed)
-            if not exchanges and not kwargs:
-                continue
-            if self._host:
-                e, d = mixing.mix(x[lo:hi], received, weights, self._scratch[:m], **kwargs)
-            else:
-                e, d = mixing.mix_torch(x[lo:hi], received, weights, self._scratch[:m], **kwargs)
-            if measured:
-                estimate, distance = estimate + e, distance + d
-        return estimate, distance
 
     def _average(self) -> np.ndarray:
         """``complete``: every replica becomes the average (summed in replica order)."""
