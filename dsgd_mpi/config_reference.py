@@ -1,8 +1,8 @@
 """The config reference: a markdown table of every key, rendered from the schema.
 
 Reads the field docstrings, types, constraints and defaults of
-:mod:`dsgd_mpi.schema`; README.md's "Config reference" is this table, and a
-test keeps the two in step.
+:mod:`dsgd_mpi.schema`; docs/config.md is this table, and a test keeps the two
+in step.
 """
 
 from __future__ import annotations
