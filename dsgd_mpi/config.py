@@ -30,26 +30,22 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dsgd_mpi.config_reference import reference
+from dsgd_mpi.config_reference import ADAPTER, default_values, fields_of, reference, section_of
 from dsgd_mpi.schema import (
-    _ADAPTER,
     CheckpointConfig,
     Config,
     ConfigError,
     ConsensusConfig,
     DataConfig,
     GossipConfig,
+    Invalid,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
     Phase,
     RunConfig,
     TopologyConfig,
-    _defaults,
-    _fields,
-    _fmt,
-    _inner,
-    _Invalid,
+    shown,
 )
 from dsgd_mpi.topology import Topology, TopologyError
 
@@ -166,10 +162,10 @@ def _clean_loc(loc: Sequence[str | int], extra: bool) -> list[str]:
                 node = node[1]
             continue
         if dataclasses.is_dataclass(node) and isinstance(part, str):
-            fields = _fields(node)  # type: ignore[arg-type]
+            fields = fields_of(node)  # type: ignore[arg-type]
             if part in fields:
                 out.append(part)
-                node = _inner(fields[part].annotation)
+                node = section_of(fields[part].annotation)
                 continue
             if extra and i == len(loc) - 1:
                 out.append(part)
@@ -180,7 +176,7 @@ def _clean_loc(loc: Sequence[str | int], extra: bool) -> list[str]:
 def _reason(err: Any) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
-    got = f" (got {_fmt(err.get('input'))})"
+    got = f" (got {shown(err.get('input'))})"
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         return "unknown key"
     if kind == "value_error":
@@ -223,13 +219,13 @@ def _validate(data: Any) -> Config:
     except (TypeError, ValueError) as exc:
         raise ConfigError("", f"config is not plain data: {exc}") from None
     try:
-        return _ADAPTER.validate_json(text, strict=True)
+        return ADAPTER.validate_json(text, strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         extra = err["type"] in ("unexpected_keyword_argument", "extra_forbidden")
         parts = _clean_loc(err["loc"], extra)
         cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, _Invalid):
+        if isinstance(cause, Invalid):
             parts += cause.path.split(".")
         key = ".".join(parts)
         reason = _reason(err)
@@ -247,16 +243,16 @@ def _node_type(parts: Sequence[str]) -> Any:
                 return None
             node = node[1]
             continue
-        if not dataclasses.is_dataclass(node) or part not in _fields(node):  # type: ignore[arg-type]
+        if not dataclasses.is_dataclass(node) or part not in fields_of(node):  # type: ignore[arg-type]
             return None
-        node = _inner(_fields(node)[part].annotation)  # type: ignore[arg-type]
+        node = section_of(fields_of(node)[part].annotation)  # type: ignore[arg-type]
     return node
 
 
 def _valid_keys_hint(parts: Sequence[str]) -> str:
     node = _node_type(parts)
     if dataclasses.is_dataclass(node):
-        return "; valid keys: " + ", ".join(_fields(node))  # type: ignore[arg-type]
+        return "; valid keys: " + ", ".join(fields_of(node))  # type: ignore[arg-type]
     return ""
 
 
@@ -291,9 +287,9 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
             continue
         if not dataclasses.is_dataclass(node):
             raise ConfigError(here, f"unknown key: {'.'.join(parts[:i])} has no sub-keys")
-        if part not in _fields(node):  # type: ignore[arg-type]
+        if part not in fields_of(node):  # type: ignore[arg-type]
             raise ConfigError(here, "unknown key" + _valid_keys_hint(parts[:i]))
-        node = _inner(_fields(node)[part].annotation)  # type: ignore[arg-type]
+        node = section_of(fields_of(node)[part].annotation)  # type: ignore[arg-type]
     value = _parse_yaml(text, f"override {path}")
     # Walk the (merged) data along the path, creating sections as needed.
     cur: Any = data
@@ -347,7 +343,7 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError("", f"{path}: top level must be a mapping of sections")
     if overrides:
         # Overrides may index into lists that the file left at their default.
-        data = _merge(_defaults(), raw)
+        data = _merge(default_values(), raw)
         for item in overrides:
             _apply_override(data, item)
         raw = data
@@ -371,20 +367,20 @@ def check_world(cfg: Config, world_size: int) -> None:
         if phase.reference_run is not None and not os.path.isfile(phase.reference_run):
             raise ConfigError(
                 f"consensus.phases.{k}.reference_run",
-                f"no such file (got {_fmt(phase.reference_run)})",
+                f"no such file (got {shown(phase.reference_run)})",
             )
     if cfg.data.name != "synthetic" and not cfg.data.download:
         if not os.path.isdir(cfg.data.root):
             raise ConfigError(
                 "data.root",
-                f"no such directory (got {_fmt(cfg.data.root)}); "
+                f"no such directory (got {shown(cfg.data.root)}); "
                 "set data.download=true or fix the path",
             )
 
 
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML text; ``load_config`` of it gives an equal Config."""
-    data = _ADAPTER.dump_python(cfg, mode="json")
+    data = ADAPTER.dump_python(cfg, mode="json")
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 

@@ -15,7 +15,33 @@ from typing import Annotated, Any, Literal
 
 from pydantic import TypeAdapter
 
-from dsgd_mpi.schema import Config, _defaults, _fields, _inner
+from dsgd_mpi.schema import Config
+
+# ---------------------------------------------------------- reading the schema
+
+#: Validates and dumps whole configs (JSON mode: tuples as lists, as YAML writes them).
+ADAPTER: TypeAdapter[Config] = TypeAdapter(Config)
+
+
+def default_values() -> dict[str, Any]:
+    """Every key's default, as a nested dict."""
+    return ADAPTER.dump_python(Config(), mode="json")  # type: ignore[no-any-return]
+
+
+def fields_of(cls: type) -> dict[str, Any]:
+    """Field name -> FieldInfo of a pydantic dataclass."""
+    return cls.__pydantic_fields__  # type: ignore[attr-defined,no-any-return]
+
+
+def section_of(annotation: Any) -> Any:
+    """The dataclass inside ``X`` or ``tuple[X, ...]``, else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+            return ("tuple", args[0])
+    return None
 
 
 def _type_name(annotation: Any) -> str:
@@ -56,12 +82,12 @@ def _default_text(value: Any) -> str:
 def reference() -> str:
     """Markdown table of every config key: dotted path, type, default, description."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    defaults = _defaults()
+    defaults = default_values()
 
     def walk(cls: type, prefix: str, dflt: dict[str, Any] | None) -> None:
-        for name, info in _fields(cls).items():
+        for name, info in fields_of(cls).items():
             key = f"{prefix}{name}"
-            inner = _inner(info.annotation)
+            inner = section_of(info.annotation)
             value = None if dflt is None else dflt.get(name)
             if dataclasses.is_dataclass(inner):
                 walk(inner, key + ".", value)  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 A one-line docstring under every field becomes its description and its row in
 ``config.reference()``; ``Literal`` for every choice; validators raise
-``_Invalid`` with the path of the offending key. Loading, overrides and
+``Invalid`` with the path of the offending key. Loading, overrides and
 messages live in :mod:`dsgd_mpi.config`, which re-exports these classes.
 
 Pure: no MPI, no torch; the ``reference_run`` check looks at the file system.
@@ -10,12 +10,10 @@ Pure: no MPI, no torch; the ``reference_run`` check looks at the file system.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from dsgd_mpi.topology import NAMES as TOPOLOGY_NAMES
@@ -35,7 +33,7 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {reason}" if key else reason)
 
 
-class _Invalid(ValueError):
+class Invalid(ValueError):
     """Raised by validators: ``path`` (relative to the validated object) + reason."""
 
     def __init__(self, path: str, reason: str) -> None:
@@ -65,10 +63,10 @@ TopologyName = Literal[TOPOLOGY_NAMES]  # type: ignore[valid-type]
 Target = Literal["none", "constant", "adaptive", "exact"]
 
 
-def _fmt(x: object) -> str:
+def shown(x: object) -> str:
     """Short repr of a value for messages (YAML-ish: floats and lists as written)."""
     if isinstance(x, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+        return "[" + ", ".join(shown(v) for v in x) + "]"
     text = repr(x)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -172,15 +170,15 @@ class OptimConfig:
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
         if self.perturb_xi2 is not None and self.perturb != "gaussian":
-            raise _Invalid("perturb_xi2", f"only perturb gaussian takes a fixed trace; "
+            raise Invalid("perturb_xi2", f"only perturb gaussian takes a fixed trace; "
                                           f"{self.perturb} draws from the carried D-SGD replicas "
-                                          f"(got {_fmt(self.perturb_xi2)})")  # fmt: skip
+                                          f"(got {shown(self.perturb_xi2)})")  # fmt: skip
         if self.warmup_steps and self.warmup_epochs:
-            raise _Invalid("warmup_steps", "give warmup_steps or warmup_epochs, not both")
+            raise Invalid("warmup_steps", "give warmup_steps or warmup_epochs, not both")
         ms = self.milestones
         for k in range(1, len(ms)):
             if ms[k] <= ms[k - 1]:
-                raise _Invalid("milestones", f"must be strictly increasing (got {_fmt(list(ms))})")
+                raise Invalid("milestones", f"must be strictly increasing (got {shown(list(ms))})")
         return self
 
 
@@ -235,19 +233,19 @@ class Phase:
         if self.target == "constant":
             if len(given) != 1:
                 what = "both" if given else "neither"
-                raise _Invalid(
+                raise Invalid(
                     "reference",
                     f"target 'constant' needs exactly one of reference / reference_run "
                     f"(got {what})",
                 )
         if self.factor_unit is not None and self.target != "constant":
-            raise _Invalid("factor_unit", f"only used by target 'constant', not {self.target!r} "
+            raise Invalid("factor_unit", f"only used by target 'constant', not {self.target!r} "
                                           f"(got {self.factor_unit!r})")  # fmt: skip
         if self.target != "constant" and given:
-            raise _Invalid(
+            raise Invalid(
                 given[0],
                 f"only used by target 'constant', not {self.target!r} "
-                f"(got {_fmt(getattr(self, given[0]))})",
+                f"(got {shown(getattr(self, given[0]))})",
             )
         return self
 
@@ -267,27 +265,27 @@ class ConsensusConfig:
     def _check(self) -> ConsensusConfig:
         ps = self.phases
         if not ps:
-            raise _Invalid("phases", "needs at least one phase (got [])")
+            raise Invalid("phases", "needs at least one phase (got [])")
         if all(p.until_epoch is None for p in ps):
             return self  # boundaries from the lr decays; the count is checked in Config
         for k, p in enumerate(ps[:-1]):
             if p.until_epoch is None:
-                raise _Invalid(
+                raise Invalid(
                     f"phases.{k}.until_epoch",
                     "only the last phase may end with the run (got null)",
                 )
             if k and p.until_epoch <= ps[k - 1].until_epoch:  # type: ignore[operator]
-                raise _Invalid(
+                raise Invalid(
                     f"phases.{k}.until_epoch",
                     f"must be greater than phases.{k - 1}.until_epoch="
-                    f"{_fmt(ps[k - 1].until_epoch)} (got {_fmt(p.until_epoch)})",
+                    f"{shown(ps[k - 1].until_epoch)} (got {shown(p.until_epoch)})",
                 )
         last = ps[-1].until_epoch
         if len(ps) > 1 and last is not None and last <= ps[-2].until_epoch:  # type: ignore[operator]
-            raise _Invalid(
+            raise Invalid(
                 f"phases.{len(ps) - 1}.until_epoch",
                 f"must be greater than phases.{len(ps) - 2}.until_epoch="
-                f"{_fmt(ps[-2].until_epoch)} (got {_fmt(last)})",
+                f"{shown(ps[-2].until_epoch)} (got {shown(last)})",
             )
         return self
 
@@ -318,7 +316,7 @@ class MetricsConfig:
     @model_validator(mode="after")
     def _check(self) -> MetricsConfig:
         if self.bn == "recompute" and self.bn_batches == 0:
-            raise _Invalid("bn_batches", "bn: recompute needs at least one batch (got 0)")
+            raise Invalid("bn_batches", "bn: recompute needs at least one batch (got 0)")
         return self
 
 
@@ -360,13 +358,13 @@ class Config:
         if self.optim.perturb != "none" and self.topology.name != "complete":
             free = [k for k, p in enumerate(self.consensus.phases) if p.target != "exact"]
             if free:
-                raise _Invalid(
+                raise Invalid(
                     "optim.perturb",
                     f"{self.optim.perturb} is a C-SGD baseline: it needs topology complete or "
                     f"target exact in every phase (phase {free[0]} is decentralized)",
                 )
         if self.model.pretrained and self.model.name != "resnet18":
-            raise _Invalid("model.pretrained", f"only resnet18 has pretrained weights "
+            raise Invalid("model.pretrained", f"only resnet18 has pretrained weights "
                                                f"(model.name is {self.model.name})")  # fmt: skip
         # Phases are in absolute epochs; one that ends at or after the end of the
         # run would leave the phases after it unreachable. (A run given in steps has
@@ -376,7 +374,7 @@ class Config:
         if len(ps) > 1 and all(p.until_epoch is None for p in ps):
             want = len(self.optim.milestones) + 1
             if len(ps) != want:
-                raise _Invalid(
+                raise Invalid(
                     "consensus.phases",
                     f"without until_epoch, phases follow the lr decays: {want} phases for "
                     f"{len(self.optim.milestones)} milestones (got {len(ps)})",
@@ -384,40 +382,16 @@ class Config:
             return self
         for k, p in enumerate(ps[:-1]):
             if p.until_epoch is not None and p.until_epoch >= epochs:
-                raise _Invalid(
+                raise Invalid(
                     f"consensus.phases.{k}.until_epoch",
-                    f"must be < run.epochs={_fmt(epochs)} since phases follow it "
-                    f"(got {_fmt(p.until_epoch)})",
+                    f"must be < run.epochs={shown(epochs)} since phases follow it "
+                    f"(got {shown(p.until_epoch)})",
                 )
         last = ps[-1].until_epoch
         if last is not None and last < epochs:
-            raise _Invalid(
+            raise Invalid(
                 f"consensus.phases.{len(ps) - 1}.until_epoch",
-                f"the last phase must reach run.epochs={_fmt(epochs)}; use null (got {_fmt(last)})",
+                f"the last phase must reach run.epochs={shown(epochs)}; use null "
+                f"(got {shown(last)})",
             )
         return self
-
-
-# -------------------------------------------------------------- introspection
-
-_ADAPTER: TypeAdapter[Config] = TypeAdapter(Config)
-
-
-def _defaults() -> dict[str, Any]:
-    return _ADAPTER.dump_python(Config(), mode="json")  # type: ignore[no-any-return]
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    """Field name -> FieldInfo of a pydantic dataclass."""
-    return cls.__pydantic_fields__  # type: ignore[attr-defined,no-any-return]
-
-
-def _inner(annotation: Any) -> Any:
-    """The dataclass inside ``X`` or ``tuple[X, ...]``, else None."""
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    if typing.get_origin(annotation) is tuple:
-        args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
-            return ("tuple", args[0])
-    return None
