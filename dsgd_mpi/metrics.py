@@ -1,11 +1,12 @@
 """Metrics in one HDF5 file per run (layout in DESIGN.md), written by rank 0.
 
 Rows are buffered in memory and appended every ``flush_every`` steps. Each
-flush writes a copy of the file with the new rows and renames it over the old
-one: a job killed at any moment (even by SIGKILL, even mid-flush) leaves the
-file as it was after the previous flush or the new one, and readers such as
-``dsgd_mpi.analyze`` can open it while the job runs (file locking is off on
-both sides; a reader holds the version it opened). Other ranks get
+flush appends the new rows to a hidden copy of the file and publishes that copy
+under the file's name by an atomic rename (:class:`dsgd_mpi.atomic.TwoCopies`):
+a job killed at any moment (even by SIGKILL, even mid-flush) leaves the file as
+it was after the previous flush or the new one, a flush costs what it appends
+(not a copy of the whole file), and readers such as ``dsgd_mpi.analyze`` can
+open it while the job runs (file locking is off on both sides). Other ranks get
 :class:`NullWriter`, so the training loop never asks who it is.
 """
 
@@ -73,8 +74,11 @@ class H5Writer:
 
     Every change (creation, each flush, the ``finished`` mark) is made on a copy
     that then replaces the file (:mod:`dsgd_mpi.atomic`): a kill at any moment
-    leaves the previous complete file or the new one. Step rows are flushed once
-    ``flush_every`` steps have passed since the last flush; evaluation rows at once.
+    leaves the previous complete file or the new one. Creation and a relaunch
+    write a whole new file; flushes and the ``finished`` mark change a hidden
+    copy in place (:class:`~dsgd_mpi.atomic.TwoCopies`). Step rows are flushed
+    once ``flush_every`` steps have passed since the last flush; evaluation rows
+    at once.
 
     A resumed run (``resume_after_step``) keeps every row of the file and
     replaces the rows after its checkpoint as it recomputes them, flush by
@@ -95,6 +99,7 @@ class H5Writer:
         start = resume_after_step or 0
         self._replaced = {"steps": start, "eval": start}  # rows up to here are this run's
         self._flushed_step = start
+        self._file = atomic.TwoCopies(path)
         atomic.remove_stale(path)
         if resume_after_step is not None and os.path.exists(path):
             with atomic.replacing(path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
@@ -102,10 +107,12 @@ class H5Writer:
                 _record_relaunch(f, resume_after_step, relaunch or {})
             return
         if os.path.exists(path):  # run.overwrite: the old run stays, under a numbered name
+            self._file.forget()
             atomic.move_aside(path)
         with atomic.replacing(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             for key, value in attrs.items():
-                f.attrs[key] = value if isinstance(value, (int, float)) else str(value)
+                # HDF5 string attributes refuse NUL bytes (Open MPI pads its version with them)
+                f.attrs[key] = value if isinstance(value, (int, float)) else _text(value)
             for group, fields in (("steps", STEP_FIELDS), ("eval", EVAL_FIELDS)):
                 g = f.create_group(group)
                 for name in fields:
@@ -123,13 +130,18 @@ class H5Writer:
     def flush(self) -> None:
         if not any(self._rows.values()):
             return
-        with atomic.replacing(self.path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
-            for group, rows in self._rows.items():
-                if rows:
-                    _write_rows(f[group], rows, self._replaced[group])
-        for group, rows in self._rows.items():
-            if rows:
-                self._replaced[group] = int(rows[-1]["step"])
+        # The change is kept and replayed on the other copy at the next flush: it carries
+        # its own rows and boundaries, not references to this writer's buffers.
+        batch = [(g, list(rows), self._replaced[g]) for g, rows in self._rows.items() if rows]
+
+        def append(path: str) -> None:
+            with h5py.File(path, "a", locking=False) as f:
+                for group, rows, replaced in batch:
+                    _write_rows(f[group], rows, replaced)
+
+        self._file.update(append)
+        for group, rows, _ in batch:
+            self._replaced[group] = int(rows[-1]["step"])
         if self._rows["steps"]:
             self._flushed_step = int(self._rows["steps"][-1]["step"])
         for rows in self._rows.values():
@@ -138,9 +150,18 @@ class H5Writer:
     def close(self, finished: bool) -> None:
         self.flush()
         if finished:
-            with atomic.replacing(self.path, copy=True) as tmp, \
-                    h5py.File(tmp, "a", locking=False) as f:  # fmt: skip
-                f.attrs["finished"] = _now()
+            when = _now()
+
+            def mark(path: str) -> None:
+                with h5py.File(path, "a", locking=False) as f:
+                    f.attrs["finished"] = when
+
+            self._file.update(mark)
+        self._file.forget()  # the file is complete: its hidden copies are only disk space
+
+
+def _text(value: object) -> str:
+    return str(value).replace("\0", "")
 
 
 def _now() -> str:
@@ -165,22 +186,27 @@ def _write_rows(group: h5py.Group, rows: list[dict], replaced: int) -> None:
     the last new step are an earlier launch's, now recomputed: they give way to the new ones.
 
     A field the file does not have yet (a file of an older version) is added.
+    Appending reads only the last step of the file: its cost does not grow with it.
     """
-    old = group["step"][()]
+    count = group["step"].shape[0]
     last = int(rows[-1]["step"])
-    keep_before = int(np.searchsorted(old, replaced, side="right"))
-    keep_after = int(np.searchsorted(old, last, side="right"))
+    tail = int(group["step"][count - 1]) if count else None
+    appending = tail is None or (replaced >= tail and last >= tail)
+    if not appending:  # a relaunch recomputing rows the file has: merge (rare, whole columns)
+        old = group["step"][()]
+        keep_before = int(np.searchsorted(old, replaced, side="right"))
+        keep_after = int(np.searchsorted(old, last, side="right"))
     for name in dict.fromkeys(k for r in rows for k in r):
         if name not in group:
             value = next(r[name] for r in rows if name in r)
             width = len(value) if isinstance(value, np.ndarray) else None
-            _dataset(group, name, len(old), width)
+            _dataset(group, name, count, width)
     for name, dset in group.items():
         missing = np.full(dset.shape[1:], -1 if dset.dtype.kind == "i" else np.nan)
         new = np.array([r.get(name, missing) for r in rows], dtype=dset.dtype)
-        if keep_before == keep_after == len(old):  # the usual case: appending
-            dset.resize((len(old) + len(new), *dset.shape[1:]))
-            dset[len(old) :] = new
+        if appending:  # the usual case
+            dset.resize((count + len(new), *dset.shape[1:]))
+            dset[count:] = new
             continue
         values = dset[()]
         merged = np.concatenate([values[:keep_before], new, values[keep_after:]])
