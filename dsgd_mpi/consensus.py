@@ -50,6 +50,15 @@ class Communication:
     """Averaged by Allreduce (C-SGD): the distance after it is 0 and the bound is moot."""
 
 
+def clock(device: torch.device) -> float:
+    """``perf_counter`` once the device's queued work is done: GPU kernels run
+    asynchronously, and a clock read without waiting charges them to whatever
+    synchronizes next (the gossip's first wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Diverged(FloatingPointError):
     """The consensus estimate is not finite: the parameters blew up (same on every rank)."""
 
@@ -130,35 +139,46 @@ class Consensus:
                                               self.replicas.measured)  # fmt: skip
         return self._averager
 
-    def communicate(self, phase: PhaseSpan, target: float, step: int = 0) -> Communication:
+    def communicate(
+        self, phase: PhaseSpan, target: float, step: int = 0, measure: bool = True
+    ) -> Communication:
         """Gossip until the measured distance meets ``target`` or the phase's rounds are spent.
 
         ``exact`` phases and ``complete`` average by Allreduce: one round is exact.
+        ``measure=False``: nothing reads this step's measured value (no row is logged),
+        so a ``none`` phase skips the measure (x̄ of ``exact`` is a full-vector reduction)
+        and reports it as NaN; controlled phases always measure.
         """
         exact = phase.target == "exact" or self.topology.is_allreduce
         out = Communication(target=target, exact_phase=exact)
+        device = self.replicas.flats[0].device
         if exact:
-            t0 = time.perf_counter()
+            t0 = clock(device)
             rows = self.averager.round()
-            t1 = time.perf_counter()
+            t1 = clock(device)
             out.estimate = float(self.group.sum(rows[:, :1])[0]) / self.n
             out.measured, out.rounds, out.bytes_sent = 0.0, 1, self.averager.bytes_last_round
-            out.time_gossip, out.time_allreduce = t1 - t0, time.perf_counter() - t1
+            out.time_gossip, out.time_allreduce = t1 - t0, clock(device) - t1
             return out
         max_rounds = 1 if phase.target == "none" else phase.max_rounds
-        t0 = time.perf_counter()
-        self.measure.begin(step)
-        out.time_allreduce += time.perf_counter() - t0
+        measuring = measure or phase.target != "none"
+        t0 = clock(device)
+        if measuring:
+            self.measure.begin(step)
+        out.time_allreduce += clock(device) - t0
         while True:
-            t0 = time.perf_counter()
-            rows = self.mixer.round(self.measure.round_args())
-            t1 = time.perf_counter()
-            out.estimate, out.measured = self.measure.reduce(rows)
+            t0 = clock(device)
+            rows = self.mixer.round(self.measure.round_args() if measuring else None)
+            t1 = clock(device)
+            if measuring:
+                out.estimate, out.measured = self.measure.reduce(rows)
+            else:
+                out.estimate = float(self.group.sum(rows[:, :1])[0]) / self.n
             out.time_gossip += t1 - t0
-            out.time_allreduce += time.perf_counter() - t1
+            out.time_allreduce += clock(device) - t1
             out.rounds += 1
             out.bytes_sent += self.mixer.bytes_last_round
-            if not (math.isfinite(out.estimate) and math.isfinite(out.measured)):
+            if not (math.isfinite(out.estimate) and (math.isfinite(out.measured) or not measuring)):
                 raise Diverged(f"consensus estimate {out.estimate}, {self.measure.name} "
                                f"{out.measured}")  # fmt: skip
             if out.rounds >= max_rounds or out.measured <= target:

@@ -21,7 +21,7 @@ import torch
 from dsgd_mpi import checkpoint, schedule
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
-from dsgd_mpi.consensus import Communication, Consensus, Diverged, Measure
+from dsgd_mpi.consensus import Communication, Consensus, Diverged, Measure, clock
 from dsgd_mpi.control import TargetPolicy
 from dsgd_mpi.evaluation.evaluate import Evaluator
 from dsgd_mpi.group import Group
@@ -86,36 +86,39 @@ class Trainer:
         phase, lr = self.timeline.phase(self.step), self.timeline.lr(self.step)
         communicating = (self.step + 1) % self.cfg.gossip.local_steps == 0
         first = communicating and self.cfg.gossip.order == "gossip_first"
-        t0 = time.perf_counter()
+        row = self._row_due(self.step + 1)  # an uncontrolled phase measures for rows only
+        device = self.replicas.flats[0].device
+        t0 = clock(device)
         adaptive = self.policy.needs_gradient_norm(phase)
         self.replicas.gradients(self.step, grad_norm=adaptive)
         if adaptive:  # the target must be the same on every replica: reduce first
             self.policy.observe(phase, float(self.group.sum(self.replicas.grad_sq())[0]) / self.n)
         comm = Communication()
         if first:
-            comm = self.communicate(phase, self.policy.target(phase, lr))
+            comm = self.communicate(phase, self.policy.target(phase, lr), row)
         self.replicas.apply(lr)
         if communicating and not first:
-            comm = self.communicate(phase, self.policy.target(phase, lr))
-        time_compute = time.perf_counter() - t0 - comm.time_gossip - comm.time_allreduce
+            comm = self.communicate(phase, self.policy.target(phase, lr), row)
+        time_compute = clock(device) - t0 - comm.time_gossip - comm.time_allreduce
         self.step += 1
         self._account(comm, time_compute)
-        if self._row_due():
+        if row:
             self.log_step(self.timeline.epoch(self.step - 1), phase.index, lr, comm, time_compute)
 
-    def communicate(self, phase: schedule.PhaseSpan, target: float) -> Communication:
+    def communicate(self, phase: schedule.PhaseSpan, target: float,
+                    measure: bool = True) -> Communication:  # fmt: skip
         try:
-            return self.consensus.communicate(phase, target, self.step)
+            return self.consensus.communicate(phase, target, self.step, measure)
         except Diverged as exc:
             raise FloatingPointError(
                 f"parameters diverged at step {self.step + 1}: {exc}. "
                 f"Last good checkpoint: {self._last_good()}"
             ) from None
 
-    def _row_due(self) -> bool:
+    def _row_due(self, step: int) -> bool:
         m = self.cfg.metrics
-        exact_due = bool(m.exact_every) and self.step % m.exact_every == 0
-        return self.step % m.log_every == 0 or exact_due or self.step == self.total_steps
+        exact_due = bool(m.exact_every) and step % m.exact_every == 0
+        return step % m.log_every == 0 or exact_due or step == self.total_steps
 
     def _maybe_evaluate(self) -> None:
         """Every ``eval_every`` epochs (fractions allowed, as steps), at the end of the run,
