@@ -120,6 +120,10 @@ def move_aside(path: str) -> str:
     return backup
 
 
+#: A change to a file, given its path.
+Change = Callable[[str], object]
+
+
 class TwoCopies:
     """``path``, always a complete file, changed without copying it whole each time.
 
@@ -137,23 +141,30 @@ class TwoCopies:
     open across the next two updates may see that inode changed under it.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, combine: Callable[[Change, Change], Change] | None = None):
+        """``combine(earlier, later)``: one change doing both, for the copy that missed the
+        previous change (one open of the file instead of two); default: one after the other."""
         self.path = path
         folder, name = os.path.split(os.path.abspath(path))
         self.copies = (os.path.join(folder, f".{name}.a"), os.path.join(folder, f".{name}.b"))
         self._behind: dict[str, int] = {}  # changes a copy lacks vs. path; absent = unknown
-        self._last: Callable[[str], object] | None = None
+        self._last: Change | None = None
+        self._combine = combine
         self._link = True
 
-    def update(self, change: Callable[[str], object]) -> None:
+    def update(self, change: Change) -> None:
         """Apply ``change(file_path)`` to the hidden copy, then publish it as ``path``."""
         hidden = self._hidden()
         behind = self._behind.get(hidden)
+        todo = change
         if behind is None:
             self._fresh(hidden)
         elif behind and self._last is not None:
-            self._last(hidden)
-        change(hidden)
+            if self._combine is None:
+                self._last(hidden)
+            else:
+                todo = self._combine(self._last, change)
+        todo(hidden)
         _fsync_file(hidden)
         # The copy published until now (up to date) lacks this change from now on.
         before = [c for c in self.copies if c != hidden and self._behind.get(c) == 0]

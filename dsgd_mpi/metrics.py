@@ -99,7 +99,7 @@ class H5Writer:
         start = resume_after_step or 0
         self._replaced = {"steps": start, "eval": start}  # rows up to here are this run's
         self._flushed_step = start
-        self._file = atomic.TwoCopies(path)
+        self._file = atomic.TwoCopies(path, combine=_Change.__add__)
         atomic.remove_stale(path)
         if resume_after_step is not None and os.path.exists(path):
             with atomic.replacing(path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
@@ -132,15 +132,10 @@ class H5Writer:
             return
         # The change is kept and replayed on the other copy at the next flush: it carries
         # its own rows and boundaries, not references to this writer's buffers.
-        batch = [(g, list(rows), self._replaced[g]) for g, rows in self._rows.items() if rows]
-
-        def append(path: str) -> None:
-            with h5py.File(path, "a", locking=False) as f:
-                for group, rows, replaced in batch:
-                    _write_rows(f[group], rows, replaced)
-
-        self._file.update(append)
-        for group, rows, _ in batch:
+        change = _Change({g: (list(rows), self._replaced[g])
+                          for g, rows in self._rows.items() if rows})  # fmt: skip
+        self._file.update(change)
+        for group, (rows, _) in change.rows.items():
             self._replaced[group] = int(rows[-1]["step"])
         if self._rows["steps"]:
             self._flushed_step = int(self._rows["steps"][-1]["step"])
@@ -150,14 +145,35 @@ class H5Writer:
     def close(self, finished: bool) -> None:
         self.flush()
         if finished:
-            when = _now()
-
-            def mark(path: str) -> None:
-                with h5py.File(path, "a", locking=False) as f:
-                    f.attrs["finished"] = when
-
-            self._file.update(mark)
+            self._file.update(_Change(attrs={"finished": _now()}))
         self._file.forget()  # the file is complete: its hidden copies are only disk space
+
+
+class _Change:
+    """One open of the file: rows to add per group, each with the step up to which the
+    file's rows are this launch's (see :func:`_write_rows`), and attributes to set.
+
+    ``a + b`` is a then b in one open (for the hidden copy that missed ``a``): rows of a
+    group concatenate, since a later flush's steps all come after an earlier one's.
+    """
+
+    def __init__(self, rows: Mapping[str, tuple[list[dict], int]] | None = None,
+                 attrs: Mapping[str, object] | None = None) -> None:  # fmt: skip
+        self.rows, self.attrs = dict(rows or {}), dict(attrs or {})
+
+    def __add__(self, later: _Change) -> _Change:
+        rows = dict(self.rows)
+        for group, (new, replaced) in later.rows.items():
+            rows[group] = (rows[group][0] + new, rows[group][1]) if group in rows else (
+                new, replaced)  # fmt: skip
+        return _Change(rows, {**self.attrs, **later.attrs})
+
+    def __call__(self, path: str) -> None:
+        with h5py.File(path, "a", locking=False) as f:
+            for group, (rows, replaced) in self.rows.items():
+                _write_rows(f[group], rows, replaced)
+            for key, value in self.attrs.items():
+                f.attrs[key] = value
 
 
 def _text(value: object) -> str:

@@ -115,12 +115,21 @@ def test_a_relaunch_replaces_recomputed_rows_through_the_copies(tmp_path):
     for step in range(1, 7):
         w.log_step(_row(step))
     # Resumed from step 3: rows 4.. are recomputed (here with other values), flush by flush.
+    # After two flushes each copy gets the change it missed and the new one in one open.
     w2 = H5Writer(path, {"config": "x"}, flush_every=1, resume_after_step=3)
     for step in (4, 5):
         w2.log_step({**_row(step), "train_loss": -1.0})
     with h5py.File(path, "r", locking=False) as f:
         assert f["steps"]["step"][()].tolist() == [1, 2, 3, 4, 5, 6]
         np.testing.assert_array_equal(f["steps"]["train_loss"][()], [1, 2, 3, -1, -1, 6])
+    for step in (6, 7, 8):
+        w2.log_step({**_row(step), "train_loss": -1.0})
+        w2.log_eval({"step": step, "test_acc": 0.5})
+    w2.close(finished=True)
+    with h5py.File(path, "r", locking=False) as f:
+        assert f["steps"]["step"][()].tolist() == list(range(1, 9))
+        np.testing.assert_array_equal(f["steps"]["train_loss"][()], [1, 2, 3] + [-1] * 5)
+        assert f["eval"]["step"][()].tolist() == [6, 7, 8] and "finished" in f.attrs
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
