@@ -225,6 +225,8 @@ def srun_plugins() -> list[str] | None:
         out = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
+    if out.returncode != 0:  # srun without a reachable Slurm (no slurm.conf): not inside Slurm
+        return None
     return parse_mpi_list(out.stdout + out.stderr)
 
 
@@ -242,11 +244,17 @@ def parse_mpi_list(text: str) -> list[str]:
     return names
 
 
+def installed_mpi() -> str:
+    """The version string of the MPI library mpi4py loads, asked of mpi4py's own command line
+    (no MPI_Init, and none of torch's import time: the Slurm templates call this per job)."""
+    out = subprocess.run([sys.executable, "-m", "mpi4py", "--mpi-lib-version"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    return out.stdout.replace("\0", "").strip() if out.returncode == 0 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the launch command the installed MPI speaks (stdout) and why (stderr)."""
-    from dsgd_mpi import comm  # the library's version string, read without MPI_Init
-
-    command, why = choose_launcher(comm.library_version(full=True), srun_plugins())
+    command, why = choose_launcher(installed_mpi(), srun_plugins())
     print(f"launcher: {command}  ({why})", file=sys.stderr)
     print(command)
     return 0
