@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import h5py
 import torch
 
-from dsgd_mpi import checkpoint, control, perturb, schedule
+from dsgd_mpi import atomic, checkpoint, control, perturb, schedule
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
 from dsgd_mpi.control import TargetPolicy
@@ -79,6 +79,18 @@ def start_problem(cfg: Config, world_size: int, resume: int | None) -> str:
         f"checkpoint.dir: {checkpoint.step_dir(directory, resume)} was {problem}; "
         "use another run.name or checkpoint.dir, or delete it to start over"
     )
+
+
+def start_over(cfg: Config, run_file: bool = True) -> list[str]:
+    """``run.overwrite``: move the run file (unless ``run_file`` is False) and its checkpoint
+    directory to their next numbered names (nothing is deleted); what moved, as said."""
+    moved = []
+    if run_file:
+        atomic.TwoCopies(run_path(cfg)).forget()  # hidden copies of the old file: not kept
+    for path in ([run_path(cfg)] if run_file else []) + [checkpoint_dir(cfg)]:
+        if os.path.exists(path):
+            moved.append(f"{path} as {atomic.move_aside(path)}")
+    return moved
 
 
 def checkpoint_dir(cfg: Config) -> str:
@@ -145,9 +157,13 @@ def make_trainer(
     resume_step: int | None,
     log: Callable[[str], None],
     shadow: perturb.Shadow | None = None,
+    stop: checkpoint.StopRequest | None = None,
 ) -> Trainer:
-    """The trainer of a run, resumed from ``resume_step``'s checkpoint when given;
-    ``shadow``: the D-SGD run that ``optim.perturb`` carries beside (avg-SAM)."""
+    """The trainer of a run, resumed from ``resume_step``'s checkpoint when given.
+
+    ``shadow``: the D-SGD run that ``optim.perturb`` carries beside (avg-SAM).
+    ``stop``: the stop request installed when the process started (``dsgd_mpi.run``
+    installs it before building anything); otherwise one is installed here."""
     ckpt_dir = checkpoint_dir(cfg)
     states = [checkpoint.load(ckpt_dir, resume_step, r) for r in group.ranks] if (
         resume_step is not None) else []  # fmt: skip
@@ -161,7 +177,7 @@ def make_trainer(
     spe = replicas.items[0].loader.steps_per_epoch
     timeline = schedule.Timeline(cfg, group.size, spe)
     policy = TargetPolicy(timeline.spans, reference)
-    stop = checkpoint.StopRequest().install()
+    stop = stop or checkpoint.StopRequest().install()
     checkpoints = checkpoint.Checkpointer(group, ckpt_dir, cfg.checkpoint.every, stop)
     split, info = test
     loaders = [item.loader for item in replicas.items]

@@ -24,9 +24,15 @@ from typing import Any
 
 import mpi4py
 
+# MPI is initialized by init() (or the first use of WORLD), not at import: dsgd_mpi.run
+# first checks that the launcher speaks a PMI this library has, and binds the GPU, since
+# an MPI_Init that cannot reach its launcher kills the process without a word of ours and
+# some MPIs set up CUDA inside MPI_Init. finalize: mpi4py still ends MPI at exit.
+# Takes effect only if nothing imported mpi4py.MPI before (a script that did keeps it).
+mpi4py.rc.initialize = False
+mpi4py.rc.finalize = True
 # The training loop makes every MPI call from the main thread; MPI_THREAD_MULTIPLE
-# (mpi4py's default) costs a lock on every call in some MPIs. Set before MPI is
-# initialized, i.e. before the first `from mpi4py import MPI` of the process.
+# (mpi4py's default) costs a lock on every call in some MPIs.
 mpi4py.rc.thread_level = "funneled"
 
 import numpy as np  # noqa: E402
@@ -37,7 +43,30 @@ from dsgd_mpi.watchdog import Watchdog, report_and  # noqa: E402
 
 Comm = MPI.Comm
 
-WORLD: MPI.Comm = MPI.COMM_WORLD
+
+def init() -> MPI.Comm:
+    """Initialize MPI once (funneled threads); returns the world communicator."""
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_FUNNELED)
+    return MPI.COMM_WORLD
+
+
+def finalize() -> None:
+    """End MPI normally, so that the exit status every rank agreed on reaches the launcher.
+
+    ``python -m mpi4py`` turns a non-zero exit into ``MPI_Abort``, which Slurm
+    records as a failure with another code; after ``MPI_Finalize`` the
+    process exits with its own status. Only for codes every rank returns.
+    """
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+
+
+def __getattr__(name: str):
+    # ``comm.WORLD``: the world communicator, MPI initialized on first use.
+    if name == "WORLD":
+        return init()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------- launch
@@ -82,25 +111,29 @@ def _libmpi() -> ctypes.CDLL | None:
     return None
 
 
-def cuda_aware(env: Mapping[str, str] | None = None) -> tuple[bool, str]:
+def cuda_aware(
+    env: Mapping[str, str] | None = None, lib: ctypes.CDLL | None = None
+) -> tuple[bool, str]:
     """Whether this MPI can read CUDA device memory, and why we think so.
 
     Asks the library where it can (``MPIX_Query_cuda_support``: Open MPI, and
     MPICH >= 4 which also has ``MPIX_GPU_query_support``), then the documented
     switches of MPIs that only say so through the environment (Cray MPICH,
     MVAPICH2-GDR). Unknown means no: staging is slower but never wrong.
-    ``gossip.device_buffers: on|off`` overrides the answer.
+    ``gossip.device_buffers: on|off`` overrides the answer. ``lib``: the
+    library to ask (default: the loaded libmpi). Initializes MPI: the queries
+    are only meaningful after MPI_Init.
     """
+    init()
     env = os.environ if env is None else env
-    version = MPI.Get_library_version()
-    lib = _libmpi()
+    version = library_version()
+    lib = _libmpi() if lib is None else lib
     if lib is not None:
-        for name in ("MPIX_Query_cuda_support",):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_int
-                answer = bool(fn())
-                return answer, f"{name}() returned {int(answer)}"
+        fn = getattr(lib, "MPIX_Query_cuda_support", None)
+        if fn is not None:
+            fn.restype = ctypes.c_int
+            answer = bool(fn())
+            return answer, f"MPIX_Query_cuda_support() returned {int(answer)}"
         fn = getattr(lib, "MPIX_GPU_query_support", None)
         if fn is not None:
             flag = ctypes.c_int(0)
@@ -110,8 +143,12 @@ def cuda_aware(env: Mapping[str, str] | None = None) -> tuple[bool, str]:
         return True, "MPICH_GPU_SUPPORT_ENABLED=1 (Cray MPICH)"
     if env.get("MV2_USE_CUDA") == "1":
         return True, "MV2_USE_CUDA=1 (MVAPICH2-GDR)"
-    first = version.splitlines()[0].strip() if version else "unknown MPI"
-    return False, f"{first} does not say it is CUDA-aware"
+    return False, f"{version} does not say it is CUDA-aware"
+
+
+#: Elements per staged piece of a whole-vector reduction (4 MB of float32): large enough for
+#: MPI to run at full bandwidth, small enough that copies of the others overlap it.
+STAGE_CHUNK = 1 << 20
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -128,10 +165,12 @@ class TensorPort:
     handed over as it is and a device tensor after a stream synchronize.
     """
 
-    def __init__(self, device: torch.device | str, staged: bool) -> None:
+    def __init__(self, device: torch.device | str, staged: bool, chunk: int = STAGE_CHUNK) -> None:
         self.device = torch.device(device)
         self.staged = staged
+        self.chunk = chunk
         self._host: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._side: torch.cuda.Stream | None = None
 
     def host(self, slot: str, like: torch.Tensor) -> torch.Tensor:
         """A reused host buffer for ``like``'s elements (pinned where CUDA exists), 1-D."""
@@ -163,10 +202,7 @@ class TensorPort:
         """
         mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
         if self.staged:
-            h = self.host("reduce", t)
-            h.copy_(t.reshape(-1))
-            _allreduce(comm, h.numpy(), mpi_op, identical)
-            t.reshape(-1).copy_(h)
+            self._staged_allreduce(comm, t.reshape(-1), mpi_op, identical)
             return t
         _sync(t)
         _allreduce(comm, t.numpy() if t.device.type == "cpu" else t, mpi_op, identical)
@@ -188,6 +224,39 @@ class TensorPort:
         comm.Reduce_scatter_block(rows.numpy() if host else rows, out.numpy() if host else out,
                                   op=MPI.SUM)  # fmt: skip
         return out
+
+    def _staged_allreduce(self, comm: MPI.Comm, flat: torch.Tensor, op: MPI.Op,
+                          identical: bool) -> None:  # fmt: skip
+        """Chunk by chunk through pinned host memory: on a GPU every chunk's copy down is
+        queued at once on a side stream, each chunk is reduced as soon as its copy is done
+        and copied back up on that stream while MPI reduces the next (the C-SGD average and
+        x̄ of the exact measure move whole models this way). On the CPU (tests) the copies
+        are synchronous and the chunks the same."""
+        h = self.host("reduce", flat)
+        n, step = flat.numel(), max(1, self.chunk)
+        bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+        if not flat.is_cuda:
+            for lo, hi in bounds:
+                h[lo:hi].copy_(flat[lo:hi])
+                _allreduce(comm, h[lo:hi].numpy(), op, identical)
+                flat[lo:hi].copy_(h[lo:hi])
+            return
+        if self._side is None:
+            self._side = torch.cuda.Stream(flat.device)
+        side, main = self._side, torch.cuda.current_stream(flat.device)
+        side.wait_stream(main)  # the kernels that wrote flat come first
+        down = []
+        with torch.cuda.stream(side):
+            for lo, hi in bounds:
+                h[lo:hi].copy_(flat[lo:hi], non_blocking=True)
+                down.append(torch.cuda.Event())
+                down[-1].record(side)
+        for (lo, hi), ready in zip(bounds, down, strict=True):
+            ready.synchronize()
+            _allreduce(comm, h[lo:hi].numpy(), op, identical)
+            with torch.cuda.stream(side):
+                flat[lo:hi].copy_(h[lo:hi], non_blocking=True)
+        main.wait_stream(side)  # whatever reads flat next sees the sums
 
     def bcast_(self, comm: MPI.Comm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Overwrite ``t`` with root's ``t`` on every rank."""
@@ -322,8 +391,11 @@ def watch_peers(comm: MPI.Comm) -> Watchdog:
     return Watchdog(node_pids(comm), comm.Get_rank(), report_and(lambda: comm.Abort(1))).start()
 
 
-def library_version() -> str:
-    return MPI.Get_library_version().splitlines()[0].strip()
+def library_version(full: bool = False) -> str:
+    """The MPI library's version string (its first line unless ``full``); callable before
+    MPI_Init. Open MPI pads it with NUL bytes, which an HDF5 string attribute refuses."""
+    text = MPI.Get_library_version().replace("\0", "").strip()
+    return text if full else (text.splitlines() or ["unknown MPI"])[0].strip()
 
 
 def abort(comm: MPI.Comm, code: int) -> None:

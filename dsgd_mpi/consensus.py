@@ -65,6 +65,15 @@ class Communication:
         )  # fmt: skip
 
 
+def clock(device: torch.device) -> float:
+    """``perf_counter`` once the device's queued work is done: GPU kernels run
+    asynchronously, and a clock read without waiting charges them to whatever
+    synchronizes next (the gossip's first wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Diverged(FloatingPointError):
     """The consensus estimate is not finite: the parameters blew up (same on every rank)."""
 
@@ -172,15 +181,16 @@ class Consensus:
     def average(self, target: float = 0.0) -> Communication:
         """Every replica becomes x̄ (one Allreduce). The estimate is the round's movement;
         no target is compared, so ``measured`` is the estimate only under that measure."""
-        t0 = time.perf_counter()
+        device = self.replicas.flats[0].device
+        t0 = clock(device)
         rows = self.averager.round()
-        t1 = time.perf_counter()
+        t1 = clock(device)
         estimate = float(self.group.sum(rows[:, :1])[0]) / self.n
         measured = estimate if self.measure.name == "estimate" else math.nan
         return Communication(
             rounds=1, estimate=estimate, measured=measured, target=target,
             bytes_sent=self.averager.bytes_last_round, time_gossip=t1 - t0,
-            time_allreduce=time.perf_counter() - t1, exact_phase=True,
+            time_allreduce=clock(device) - t1, exact_phase=True,
         )  # fmt: skip
 
     def communicate(self, phase: PhaseSpan, target: float, step: int = 0,
@@ -195,16 +205,19 @@ class Consensus:
             return self.average(target)
         out = Communication(target=target)
         max_rounds = 1 if phase.target == "none" else phase.max_rounds
-        t0 = time.perf_counter()
+        # An uncontrolled phase measures every step too: its largest value over every
+        # step (consensus_measured_max) is what a later run's constant target reads.
+        device = self.replicas.flats[0].device
+        t0 = clock(device)
         self.measure.begin(step)
-        out.time_allreduce += time.perf_counter() - t0
+        out.time_allreduce += clock(device) - t0
         while True:
-            t0 = time.perf_counter()
+            t0 = clock(device)
             rows = self.mixer.round(self.measure.round_args())
-            t1 = time.perf_counter()
+            t1 = clock(device)
             out.estimate, out.measured = self.measure.reduce(rows)
             out.time_gossip += t1 - t0
-            out.time_allreduce += time.perf_counter() - t1
+            out.time_allreduce += clock(device) - t1
             out.rounds += 1
             out.bytes_sent += self.mixer.bytes_last_round
             if not (math.isfinite(out.estimate) and math.isfinite(out.measured)):
@@ -215,9 +228,9 @@ class Consensus:
         if self.measure.name == "exact":
             out.distance = out.measured  # of the replicas as the last round left them
         elif self.measure.name == "sketch" and record:
-            t0 = time.perf_counter()
+            t0 = clock(device)
             out.measured = self.measure.remeasure(step)
-            out.time_allreduce += time.perf_counter() - t0
+            out.time_allreduce += clock(device) - t0
         return out
 
     def exact_distance(self) -> float:

@@ -1,12 +1,19 @@
-"""Pure decisions about how a job was launched: task counts and CPU sets.
+"""Pure decisions about how a job was launched: task counts, PMI, local ranks, CPU sets.
 
 No MPI here (the simulator uses it too); :mod:`dsgd_mpi.comm` gathers what the
-ranks of a node see and passes it in.
+ranks of a node see and passes it in. Some decisions must be taken before
+``MPI_Init`` (an MPI that cannot speak the launcher's PMI dies inside it
+without a word of ours; an MPI that sets up CUDA at init binds the GPU then):
+those read the environment alone. ``python -m dsgd_mpi.launch`` prints the
+launcher the installed MPI speaks (the Slurm templates' default).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 
 #: Variables by which launchers announce how many tasks they started.
@@ -48,6 +55,114 @@ def launch_mismatch(env: Mapping[str, str], world_size: int) -> str | None:
         "MPI=system), pick the PMI plugin that MPI supports (srun --mpi=pmix or --mpi=pmi2; "
         "srun --mpi=list), or launch with that MPI's own mpirun inside the allocation"
     )
+
+
+#: Variables by which launchers hand a task its rank on its node, before MPI_Init.
+LOCAL_RANK_VARS = (
+    "SLURM_LOCALID",  # srun
+    "MPI_LOCALRANKID",  # MPICH's hydra
+    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI's mpirun
+    "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH
+    "PMI_LOCAL_RANK",  # PMIx-based launchers that export it
+)
+#: What a PMIx launcher (srun --mpi=pmix, Open MPI's mpirun, prterun) sets for its tasks;
+#: MPICH reads PMIX_NAMESPACE to pick PMIx, and its PMI-1 client gives up on PMIX_RANK.
+PMIX_VARS = ("PMIX_NAMESPACE", "PMIX_RANK")
+#: What a PMI-1/2 launcher (hydra, srun --mpi=pmi2) sets for its tasks.
+PMI_VARS = ("PMI_FD", "PMI_PORT", "PMI_SIZE")
+
+
+def local_rank(env: Mapping[str, str]) -> int | None:
+    """This task's rank on its node as the launcher announced it, or None (no launcher)."""
+    for name in LOCAL_RANK_VARS:
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def announced_rank(env: Mapping[str, str]) -> int | None:
+    """This task's global rank as the launcher announced it (before MPI_Init), or None."""
+    for name in ("SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"):
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _first_line(library: str) -> str:
+    """"MPICH Version:      5.0.2" -> "MPICH Version: 5.0.2" (the name of the library)."""
+    return " ".join(library.split("\n", 1)[0].split()) or "unknown MPI"
+
+
+def _mpich_has_pmix(library: str) -> bool:
+    """MPICH (and its kin) speaks PMIx only when configured with it; the configure line of
+    its version string says so (the PyPI wheel: ``--with-pm=hydra:gforker``, no PMIx)."""
+    configure = next((ln for ln in library.splitlines() if "configure" in ln.lower()), "")
+    return "pmix" in configure.lower()
+
+
+def pmi_mismatch(env: Mapping[str, str], library: str) -> str | None:
+    """Why MPI_Init would fail in this launch, or None; decided before MPI_Init.
+
+    ``library`` is ``MPI_Get_library_version()`` (callable before init). An
+    MPICH built without PMIx (the default ``mpich`` wheel) aborts inside
+    ``MPI_Init`` under a PMIx launcher ("Runtime environment uses unsupported
+    PMI version PMIx", exit 15 or 16), and any MPICH aborts when a task carries
+    both kinds of variables. Only what is known to fail is refused: other MPIs
+    and launchers go on, and a launch that gives N one-rank worlds is caught
+    after MPI_Init by :func:`launch_mismatch`.
+    """
+    first = _first_line(library)
+    if "MPICH" not in library.upper() and "MVAPICH" not in library.upper():
+        return None
+    pmix = [f"{k}={env[k]}" for k in PMIX_VARS if env.get(k)]
+    pmi = [f"{k}={env[k]}" for k in PMI_VARS if env.get(k)]
+    if not pmix:
+        return None
+    if pmi:
+        said = f"both PMI-1/2 ({', '.join(pmi)}) and PMIx ({', '.join(pmix)})"
+        why = f"{first} cannot tell which one to speak"
+    elif not _mpich_has_pmix(library):
+        said = f"PMIx ({', '.join(pmix)})"
+        why = f"{first} was built without PMIx (it speaks PMI-1/2 only)"
+    else:
+        return None
+    return (
+        f"the launcher set up this task with {said}, and {why}: MPI_Init would abort. "
+        "Launch with a PMI this MPI speaks: srun --mpi=pmi2 (srun --mpi=list shows what "
+        "Slurm has), or this MPI's own mpiexec inside the allocation; or build mpi4py "
+        "against an MPI with PMIx (make install MPI=system)"
+    )
+
+
+def choose_launcher(library: str, srun_plugins: Sequence[str] | None) -> tuple[str, str]:
+    """The launch command the installed MPI speaks, and why (``python -m dsgd_mpi.launch``).
+
+    ``srun_plugins``: what ``srun --mpi=list`` offers, or None outside Slurm.
+    MPICH and its kin speak PMI-2, which every Slurm has; Open MPI speaks PMIx
+    (Slurm's pmix plugin) and otherwise starts its ranks with its own mpirun,
+    which reads the allocation. ``--kill-on-bad-exit=1``: without it Slurm
+    leaves the other tasks of a step waiting for one that died.
+    """
+    first = _first_line(library)
+    srun = "srun --kill-on-bad-exit=1 --mpi="
+    if srun_plugins is None:
+        return "mpiexec", f"{first}, not inside Slurm: its own mpiexec"
+    plugins = {p.strip() for p in srun_plugins}
+    pmix = sorted(p for p in plugins if p.startswith("pmix"))
+    upper = library.upper()
+    if "OPEN MPI" in upper:
+        if pmix:
+            return srun + pmix[0], f"{first} speaks PMIx; srun has {pmix[0]}"
+        return "mpirun", f"{first} speaks PMIx and srun has no pmix plugin: Open MPI's mpirun"
+    if "MPICH" in upper or "MVAPICH" in upper:
+        if pmix and _mpich_has_pmix(library):
+            return srun + pmix[0], f"{first} was built with PMIx; srun has {pmix[0]}"
+        if "pmi2" in plugins:
+            return srun + "pmi2", f"{first} speaks PMI-2; srun has pmi2"
+        return "mpiexec", f"{first}: srun has no pmi2 plugin, so its own mpiexec (hydra)"
+    return "mpiexec", f"{first}: unknown MPI, so its own mpiexec"
 
 
 def threads_for(env: Mapping[str, str], affinities: Sequence[frozenset[int]]) -> tuple[int, str]:
@@ -100,3 +215,50 @@ def _sharing(affinities: Sequence[frozenset[int]]) -> tuple[frozenset[int], int]
     """This rank's CPU set (first) and how many of the node's ranks overlap it, itself included."""
     mine = affinities[0] if affinities else frozenset()
     return mine, 1 + sum(1 for other in affinities[1:] if other & mine)
+
+
+def srun_plugins() -> list[str] | None:
+    """The MPI plugins ``srun --mpi=list`` offers, or None without Slurm."""
+    if shutil.which("srun") is None:
+        return None
+    try:
+        out = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:  # srun without a reachable Slurm (no slurm.conf): not inside Slurm
+        return None
+    return parse_mpi_list(out.stdout + out.stderr)
+
+
+def parse_mpi_list(text: str) -> list[str]:
+    """Plugin names from ``srun --mpi=list``: a header, one name per line (older Slurm
+    prefixes each with ``srun:``), and (22.05) ``specific pmix plugin versions available:
+    pmix_v4[,...]``."""
+    names = []
+    for line in text.splitlines():
+        line = line.strip().removeprefix("srun:").strip()  # older Slurm prefixes every line
+        if "versions available:" in line:
+            names += [v.strip() for v in line.split(":", 1)[1].split(",") if v.strip()]
+        elif line and " " not in line:
+            names.append(line)
+    return names
+
+
+def installed_mpi() -> str:
+    """The version string of the MPI library mpi4py loads, asked of mpi4py's own command line
+    (no MPI_Init, and none of torch's import time: the Slurm templates call this per job)."""
+    out = subprocess.run([sys.executable, "-m", "mpi4py", "--mpi-lib-version"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    return out.stdout.replace("\0", "").strip() if out.returncode == 0 else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the launch command the installed MPI speaks (stdout) and why (stderr)."""
+    command, why = choose_launcher(installed_mpi(), srun_plugins())
+    print(f"launcher: {command}  ({why})", file=sys.stderr)
+    print(command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

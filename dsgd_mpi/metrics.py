@@ -1,11 +1,12 @@
 """Metrics in one HDF5 file per run (layout in DESIGN.md), written by rank 0.
 
 Rows are buffered in memory and appended every ``flush_every`` steps. Each
-flush writes a copy of the file with the new rows and renames it over the old
-one: a job killed at any moment (even by SIGKILL, even mid-flush) leaves the
-file as it was after the previous flush or the new one, and readers such as
-``dsgd_mpi.analyze`` can open it while the job runs (file locking is off on
-both sides; a reader holds the version it opened). Other ranks get
+flush appends the new rows to a hidden copy of the file and publishes that copy
+under the file's name by an atomic rename (:class:`dsgd_mpi.atomic.TwoCopies`):
+a job killed at any moment (even by SIGKILL, even mid-flush) leaves the file as
+it was after the previous flush or the new one, a flush costs what it appends
+(not a copy of the whole file), and readers such as ``dsgd_mpi.analyze`` can
+open it while the job runs (file locking is off on both sides). Other ranks get
 :class:`NullWriter`, so the training loop never asks who it is.
 """
 
@@ -76,8 +77,11 @@ class H5Writer:
 
     Every change (creation, each flush, the ``finished`` mark) is made on a copy
     that then replaces the file (:mod:`dsgd_mpi.atomic`): a kill at any moment
-    leaves the previous complete file or the new one. Step rows are flushed once
-    ``flush_every`` steps have passed since the last flush; evaluation rows at once.
+    leaves the previous complete file or the new one. Creation and a relaunch
+    write a whole new file; flushes and the ``finished`` mark change a hidden
+    copy in place (:class:`~dsgd_mpi.atomic.TwoCopies`). Step rows are flushed
+    once ``flush_every`` steps have passed since the last flush; evaluation rows
+    at once.
 
     A resumed run (``resume_after_step``) keeps every row of the file and
     replaces the rows after its checkpoint as it recomputes them, flush by
@@ -98,6 +102,7 @@ class H5Writer:
         start = resume_after_step or 0
         self._replaced = {"steps": start, "eval": start}  # rows up to here are this run's
         self._flushed_step = start
+        self._file = atomic.TwoCopies(path, combine=_Change.__add__)
         atomic.remove_stale(path)
         if resume_after_step is not None and os.path.exists(path):
             with atomic.replacing(path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
@@ -105,10 +110,12 @@ class H5Writer:
                 _record_relaunch(f, resume_after_step, relaunch or {})
             return
         if os.path.exists(path):  # run.overwrite: the old run stays, under a numbered name
+            self._file.forget()
             atomic.move_aside(path)
         with atomic.replacing(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             for key, value in attrs.items():
-                f.attrs[key] = value if isinstance(value, (int, float)) else str(value)
+                # HDF5 string attributes refuse NUL bytes (Open MPI pads its version with them)
+                f.attrs[key] = value if isinstance(value, (int, float)) else _text(value)
             for group, fields in (("steps", STEP_FIELDS), ("eval", EVAL_FIELDS)):
                 g = f.create_group(group)
                 for name in fields:
@@ -126,13 +133,13 @@ class H5Writer:
     def flush(self) -> None:
         if not any(self._rows.values()):
             return
-        with atomic.replacing(self.path, copy=True) as tmp, h5py.File(tmp, "a", locking=False) as f:
-            for group, rows in self._rows.items():
-                if rows:
-                    _write_rows(f[group], rows, self._replaced[group])
-        for group, rows in self._rows.items():
-            if rows:
-                self._replaced[group] = int(rows[-1]["step"])
+        # The change is kept and replayed on the other copy at the next flush: it carries
+        # its own rows and boundaries, not references to this writer's buffers.
+        change = _Change({g: (list(rows), self._replaced[g])
+                          for g, rows in self._rows.items() if rows})  # fmt: skip
+        self._file.update(change)
+        for group, (rows, _) in change.rows.items():
+            self._replaced[group] = int(rows[-1]["step"])
         if self._rows["steps"]:
             self._flushed_step = int(self._rows["steps"][-1]["step"])
         for rows in self._rows.values():
@@ -141,9 +148,39 @@ class H5Writer:
     def close(self, finished: bool) -> None:
         self.flush()
         if finished:
-            with atomic.replacing(self.path, copy=True) as tmp, \
-                    h5py.File(tmp, "a", locking=False) as f:  # fmt: skip
-                f.attrs["finished"] = _now()
+            self._file.update(_Change(attrs={"finished": _now()}))
+        self._file.forget()  # the file is complete: its hidden copies are only disk space
+
+
+class _Change:
+    """One open of the file: rows to add per group, each with the step up to which the
+    file's rows are this launch's (see :func:`_write_rows`), and attributes to set.
+
+    ``a + b`` is a then b in one open (for the hidden copy that missed ``a``): rows of a
+    group concatenate, since a later flush's steps all come after an earlier one's.
+    """
+
+    def __init__(self, rows: Mapping[str, tuple[list[dict], int]] | None = None,
+                 attrs: Mapping[str, object] | None = None) -> None:  # fmt: skip
+        self.rows, self.attrs = dict(rows or {}), dict(attrs or {})
+
+    def __add__(self, later: _Change) -> _Change:
+        rows = dict(self.rows)
+        for group, (new, replaced) in later.rows.items():
+            rows[group] = (rows[group][0] + new, rows[group][1]) if group in rows else (
+                new, replaced)  # fmt: skip
+        return _Change(rows, {**self.attrs, **later.attrs})
+
+    def __call__(self, path: str) -> None:
+        with h5py.File(path, "a", locking=False) as f:
+            for group, (rows, replaced) in self.rows.items():
+                _write_rows(f[group], rows, replaced)
+            for key, value in self.attrs.items():
+                f.attrs[key] = value
+
+
+def _text(value: object) -> str:
+    return str(value).replace("\0", "")
 
 
 def _now() -> str:
@@ -168,22 +205,27 @@ def _write_rows(group: h5py.Group, rows: list[dict], replaced: int) -> None:
     the last new step are an earlier launch's, now recomputed: they give way to the new ones.
 
     A field the file does not have yet (a file of an older version) is added.
+    Appending reads only the last step of the file: its cost does not grow with it.
     """
-    old = group["step"][()]
+    count = group["step"].shape[0]
     last = int(rows[-1]["step"])
-    keep_before = int(np.searchsorted(old, replaced, side="right"))
-    keep_after = int(np.searchsorted(old, last, side="right"))
+    tail = int(group["step"][count - 1]) if count else None
+    appending = tail is None or (replaced >= tail and last >= tail)
+    if not appending:  # a relaunch recomputing rows the file has: merge (rare, whole columns)
+        old = group["step"][()]
+        keep_before = int(np.searchsorted(old, replaced, side="right"))
+        keep_after = int(np.searchsorted(old, last, side="right"))
     for name in dict.fromkeys(k for r in rows for k in r):
         if name not in group:
             value = next(r[name] for r in rows if name in r)
             width = len(value) if isinstance(value, np.ndarray) else None
-            _dataset(group, name, len(old), width)
+            _dataset(group, name, count, width)
     for name, dset in group.items():
         missing = np.full(dset.shape[1:], -1 if dset.dtype.kind == "i" else np.nan)
         new = np.array([r.get(name, missing) for r in rows], dtype=dset.dtype)
-        if keep_before == keep_after == len(old):  # the usual case: appending
-            dset.resize((len(old) + len(new), *dset.shape[1:]))
-            dset[len(old) :] = new
+        if appending:  # the usual case
+            dset.resize((count + len(new), *dset.shape[1:]))
+            dset[count:] = new
             continue
         values = dset[()]
         merged = np.concatenate([values[:keep_before], new, values[keep_after:]])

@@ -31,6 +31,7 @@ parameters are float32.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -273,6 +274,29 @@ def resnet18(
     net.maxpool = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net
+
+
+def fetch_pretrained(name: str) -> str:
+    """Put ``name``'s pretrained weight file in torch's cache unless it is there; "" on
+    success, else what went wrong and what to do (no network here, a proxy, a bad file)."""
+    if name not in PRETRAINED:
+        return f"model {name!r} has no pretrained weights"
+    import torchvision  # lazily, as in resnet18
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.isfile(path):
+        return ""
+    try:
+        weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # offline, proxy, corrupt download: all need the same advice
+        return (
+            f"cannot download torchvision's ImageNet weights of {name} from {weights.url} "
+            f"({type(err).__name__}: {err}). Put the file in {os.path.dirname(path)} (set "
+            "TORCH_HOME to choose the place) from a machine with network access, or set "
+            "model.pretrained=false"
+        )
+    return ""
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

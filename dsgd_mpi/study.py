@@ -84,13 +84,16 @@ def _on_mpi(plan: str, overrides: tuple[str, ...], force: bool) -> int:
     if error:
         if rank == 0:
             print(f"study error: {error}", file=sys.stderr)
+        mpi.finalize()
         return 2
 
     def one(entry: Entry) -> int:
         return guarded(comm, lambda: run_config(comm, entry.config, list(entry.overrides)))
 
-    return run_plan(entries or [], one, root=rank == 0,
+    code = run_plan(entries or [], one, root=rank == 0,
                     agree=lambda value: comm.bcast(value, root=0), force=force)  # fmt: skip
+    mpi.finalize()  # the code is agreed: the launcher sees it (python -m mpi4py would Abort)
+    return code
 
 
 if __name__ == "__main__":

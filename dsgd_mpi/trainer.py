@@ -21,7 +21,7 @@ import torch
 from dsgd_mpi import checkpoint, schedule
 from dsgd_mpi import config as config_mod
 from dsgd_mpi.config import Config
-from dsgd_mpi.consensus import Communication, Consensus, Diverged, Measure
+from dsgd_mpi.consensus import Communication, Consensus, Diverged, Measure, clock
 from dsgd_mpi.control import TargetPolicy
 from dsgd_mpi.evaluation.evaluate import Evaluator
 from dsgd_mpi.group import Group
@@ -98,7 +98,8 @@ class Trainer:
         communicating = (self.step + 1) % self.cfg.gossip.local_steps == 0
         averaging = communicating and self.consensus.averages(phase)
         first = communicating and not averaging and self.cfg.gossip.order == "gossip_first"
-        t0 = time.perf_counter()
+        device = self.replicas.flats[0].device
+        t0 = clock(device)  # GPU work queued before is not this step's
         stats = Communication()
         if averaging and not self._agreeing(self.step):
             stats = self.consensus.average()
@@ -116,7 +117,7 @@ class Trainer:
             stats = stats.then(self.communicate(phase, self.policy.target(phase, lr), logged))
         elif first:
             stats.distance = math.nan  # the update moved the replicas since it was measured
-        time_compute = time.perf_counter() - t0 - stats.time_gossip - stats.time_allreduce
+        time_compute = clock(device) - t0 - stats.time_gossip - stats.time_allreduce
         self.step += 1
         self._account(stats, time_compute)
         if logged:

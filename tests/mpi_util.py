@@ -8,6 +8,7 @@ On timeout the whole process group (mpiexec and every rank) is killed.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,17 +24,19 @@ ROOT = HERE.parent
 LIVE: list[subprocess.Popen] = []
 
 
-def mpiexec() -> str:
-    """The launcher: $MPIEXEC, else the one beside this Python (the mpich wheel), else PATH."""
-    if os.environ.get("MPIEXEC"):
-        return os.environ["MPIEXEC"]
+def mpiexec() -> list[str]:
+    """The launcher and its options: $MPIEXEC split as a shell would (the README's
+    ``MPIEXEC="mpiexec --allow-run-as-root --oversubscribe"``), else the one beside this
+    Python (the mpich wheel), else PATH's."""
+    if os.environ.get("MPIEXEC", "").strip():
+        return shlex.split(os.environ["MPIEXEC"])
     beside = Path(sys.executable).parent / "mpiexec"
     if beside.exists():
-        return str(beside)
+        return [str(beside)]
     found = shutil.which("mpiexec")
     if not found:
         raise RuntimeError("no mpiexec: run `make test`, or set MPIEXEC")
-    return found
+    return [found]
 
 
 #: Defaults a user's environment overrides: the tests oversubscribe 2 cores, where
@@ -53,7 +56,7 @@ def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.
 
     ``args`` is a script path or ``-m module`` followed by its arguments.
     """
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
+    cmd = [*mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
     full_env = _rank_env(env)
     proc = subprocess.Popen(
         cmd,
@@ -71,7 +74,7 @@ def start_ranks(n: int, args: list[str], env: dict | None = None) -> subprocess.
 def start_mpmd(parts: list[tuple[str, list[str]]], env: dict | None = None) -> subprocess.Popen:
     """One job, one rank per part, each ``(working directory, python args)``: ranks that
     see different files (as on nodes without a shared file system)."""
-    cmd = [mpiexec()]
+    cmd = mpiexec()
     for k, (wdir, args) in enumerate(parts):
         cmd += ([":"] if k else []) + ["-n", "1", "-wdir", wdir, sys.executable, "-m", "mpi4py",
                                       *args]  # fmt: skip

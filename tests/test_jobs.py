@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,13 +66,17 @@ def test_template_static(path: Path):
 
     usage = "\n".join(lines[:first_cmd])
     assert re.search(rf"sbatch (--\S+ )*jobs/{re.escape(path.name)}", usage), "no usage line"
-    assert "LAUNCHER" in usage and "mpirun" in usage
+    assert "LAUNCHER" in usage and "mpirun" in usage and "python -m dsgd_mpi.launch" in usage
+    assert "#SBATCH --gpu-bind=single:1" in sbatch  # one GPU per task, the closest one
 
     assert "set -euo pipefail" in text
     assert 'source "${DSGD_VENV:-$SLURM_SUBMIT_DIR/.venv}/bin/activate"' in text
     # Threads follow each task's CPU set; a hard-coded 1 would waste --cpus-per-task.
     assert not re.search(r"^\s*export OMP_NUM_THREADS", text, re.M)
-    assert f"${{LAUNCHER:-srun --mpi=pmix --kill-on-bad-exit=1}} {LAUNCH}" in text
+    # One line chooses the launcher, after the venv (the helper asks the installed MPI).
+    chooser = 'LAUNCHER="${LAUNCHER:-$(python -m dsgd_mpi.launch)}"'
+    assert text.count(chooser) == 1 and text.index("/bin/activate") < text.index(chooser)
+    assert f"$LAUNCHER {LAUNCH}" in text
 
     # Resources and paths only.
     assert not HYPER_RE.search(text), HYPER_RE.search(text).group(0)
@@ -117,12 +122,17 @@ def test_kong_sweep_grid():
 
 # --- real runs in a sandbox -------------------------------------------------------------------
 
+#: What a fake srun answers to --mpi=list (the templates ask it through dsgd_mpi.launch).
+MPI_LIST = """if [[ "$1" == --mpi=list ]]; then
+    printf 'MPI plugin types are...\\n\\tnone\\n\\tpmi2\\n\\tpmix\\n'; exit 0
+fi
+"""
 FAKE = """#!/bin/bash
-printf '%s\\n' "$PWD" "$OMP_NUM_THREADS" "$@" > "{out}/{name}.args"
+{mpi_list}printf '%s\\n' "$PWD" "$OMP_NUM_THREADS" "$@" > "{out}/{name}.args"
 """
 
 FAKE_LONG_STEP = """#!/bin/bash
-printf '%s\\n' "$PWD" "$OMP_NUM_THREADS" "$@" > "{out}/srun.args"
+{mpi_list}printf '%s\\n' "$PWD" "$OMP_NUM_THREADS" "$@" > "{out}/srun.args"
 trap 'echo USR1 >> "{out}/srun.signals"; exit 0' USR1
 touch "{out}/srun.started"
 for _ in $(seq 200); do sleep 0.05; done
@@ -137,11 +147,15 @@ def sandbox(tmp_path: Path, srun: str = FAKE) -> tuple[dict[str, str], Path]:
     fake_bin.mkdir()
     for name, body in (("srun", srun), ("scontrol", FAKE)):
         p = fake_bin / name
-        p.write_text(body.format(out=out, name=name))
+        p.write_text(body.format(out=out, name=name, mpi_list=MPI_LIST))
         p.chmod(0o755)
+    # A venv whose python is this one: the templates ask it for the launcher.
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "activate").write_text("# fake venv\n")
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     submit = tmp_path / "submit"
     submit.mkdir()
     env = {
@@ -175,20 +189,21 @@ def recorded(out: Path, name: str) -> list[str]:
     return (out / f"{name}.args").read_text().splitlines()
 
 
+def _default_launcher() -> list[str]:
+    """What the templates' helper chooses for this install under the fake srun."""
+    from dsgd_mpi import launch
+
+    plugins = ["none", "pmi2", "pmix"]
+    return launch.choose_launcher(launch.installed_mpi(), plugins)[0].split()
+
+
 def expect_launch(rec: list[str], env: dict[str, str], argv: list[str]) -> None:
     pwd, omp, *args = rec
     assert pwd == env["SLURM_SUBMIT_DIR"]
     assert omp == "99"  # the user's own setting passes through
-    assert args == [
-        "--mpi=pmix",
-        "--kill-on-bad-exit=1",
-        "python",
-        "-m",
-        "mpi4py",
-        "-m",
-        "dsgd_mpi.run",
-        *argv,
-    ]
+    launcher = _default_launcher()
+    assert launcher[0] == "srun", launcher  # pmi2 (MPICH) or pmix (Open MPI): both here
+    assert args == [*launcher[1:], "python", "-m", "mpi4py", "-m", "dsgd_mpi.run", *argv]
 
 
 @needs_bash
@@ -247,7 +262,7 @@ def test_single_and_multi_node_pass_config_and_overrides(tmp_path, name):
 def test_launcher_override_and_missing_config(tmp_path):
     env, out = sandbox(tmp_path)
     fake_mpirun = Path(env["PATH"].split(os.pathsep)[0]) / "mpirun"
-    fake_mpirun.write_text(FAKE.format(out=out, name="mpirun"))
+    fake_mpirun.write_text(FAKE.format(out=out, name="mpirun", mpi_list=""))
     fake_mpirun.chmod(0o755)
     env["LAUNCHER"] = "mpirun --map-by ppr:4:node"
     res = run_job("single_node.sbatch", ["configs/quickstart.yaml"], env)
@@ -293,9 +308,36 @@ def test_requeue_forwards_usr1_and_requeues(tmp_path):
 
 
 @needs_bash
+def test_the_default_launcher_is_what_the_installed_mpi_speaks(tmp_path):
+    env, out = sandbox(tmp_path)  # the template asks python -m dsgd_mpi.launch (fake srun)
+    argv = ["configs/quickstart.yaml", "run.seed=3"]
+    res = run_job("single_node.sbatch", argv, env)
+    assert res.returncode == 0, res.stderr
+    assert "launcher: srun" in res.stderr  # the helper says what it chose, and why
+    expect_launch(recorded(out, "srun"), env, argv)
+
+
+@needs_bash
 def test_requeue_without_signal_passes_exit_status(tmp_path):
     env, out = sandbox(tmp_path, srun=FAKE + "exit 3\n")
     res = run_job("requeue.sbatch", ["configs/quickstart.yaml"], env)
     assert res.returncode == 3
     expect_launch(recorded(out, "srun"), env, ["configs/quickstart.yaml"])
     assert not (out / "scontrol.args").exists()
+
+
+def test_array_sizes_printed_in_the_docs_come_from_the_sweep_files():
+    """An --array range past the end of its sweep makes the extra tasks fail (exit 2), and
+    --dependency=afterok on that array then never releases; a smaller one drops runs."""
+    counts = {p.name: len(sweep_runs(p)) for p in SWEEPS}
+    checked = 0
+    for doc in (REPO / "README.md", JOBS / "README.md", *TEMPLATES):
+        for line in doc.read_text().splitlines():
+            found = re.search(r"--array=1-(\d+)", line)
+            if not found:
+                continue
+            named = re.findall(r"sweeps/([\w.]+\.txt)", line)
+            sweep = named[0] if named else "kong_cifar10.txt"  # the template's default
+            assert int(found[1]) == counts[sweep], f"{doc.name}: {line.strip()}"
+            checked += 1
+    assert checked >= 6

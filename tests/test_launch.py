@@ -2,7 +2,10 @@
 different files. The pure decisions without MPI; the guards on real ranks."""
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import yaml
 
 from dsgd_mpi import comm, launch
-from tests.mpi_util import finish, run_ranks, start_mpmd
+from tests.mpi_util import ROOT, finish, run_ranks, start_mpmd
 
 # ------------------------------------------------------------------- pure
 
@@ -75,8 +78,101 @@ def test_cuda_awareness_is_asked_of_the_library_and_explained():
     aware, reason = comm.cuda_aware({})
     # The PyPI MPICH answers through MPIX_Query_cuda_support: built without CUDA.
     assert aware is False and "MPIX_Query_cuda_support" in reason
-    # an MPI that only says so through its environment
-    assert comm.cuda_aware.__doc__ and "Cray" in comm.cuda_aware.__doc__
+    # The library's answer wins over the environment's switches.
+    assert comm.cuda_aware({"MPICH_GPU_SUPPORT_ENABLED": "1"})[0] is False
+
+
+@pytest.mark.parametrize(
+    "env, aware, named",
+    [
+        ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, True, "Cray MPICH"),
+        ({"MV2_USE_CUDA": "1"}, True, "MVAPICH2-GDR"),
+        ({"MPICH_GPU_SUPPORT_ENABLED": "0", "MV2_USE_CUDA": "0"}, False, "does not say"),
+        ({}, False, "does not say"),
+    ],
+)
+def test_cuda_awareness_of_an_mpi_that_only_says_so_in_its_environment(env, aware, named):
+    """A library without either query function (libm stands in for such an MPI: a real
+    library that has neither symbol) leaves the answer to the documented switches."""
+    import ctypes
+    import ctypes.util
+
+    silent = ctypes.CDLL(ctypes.util.find_library("m"))
+    assert not hasattr(silent, "MPIX_Query_cuda_support")
+    assert not hasattr(silent, "MPIX_GPU_query_support")
+    got, reason = comm.cuda_aware(env, lib=silent)
+    assert got is aware and named in reason
+
+
+# A real MPICH configure line with PMIx, and the PyPI wheel's (without).
+MPICH_PMIX = "MPICH Version:      4.2.0\nMPICH configure:    --with-pmix=/usr --with-device=ch4:ofi"
+WHEEL = "MPICH Version:      5.0.2\nMPICH configure:    --with-device=ch4:ucx,ofi --with-pm=hydra"
+OPENMPI = "Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4"
+
+
+@pytest.mark.parametrize(
+    "env, library, named",
+    [
+        ({"PMIX_NAMESPACE": "slurm.pmix.7.0", "PMIX_RANK": "0"}, WHEEL, "PMIx"),  # srun --mpi=pmix
+        ({"PMIX_RANK": "3"}, WHEEL, "PMIX_RANK=3"),  # MPICH's PMI-1 client gives up on it too
+        ({"PMIX_NAMESPACE": "x", "PMI_SIZE": "2"}, MPICH_PMIX, "both PMI-1/2"),
+    ],
+)
+def test_a_launcher_whose_pmi_the_mpi_lacks_is_refused_before_mpi_init(env, library, named):
+    message = launch.pmi_mismatch(env, library)
+    assert message is not None and named in message
+    assert "MPICH Version: " in message  # names the MPI it found
+    for way_out in ("srun --mpi=pmi2", "mpiexec", "MPI=system"):
+        assert way_out in message
+
+
+@pytest.mark.parametrize(
+    "env, library",
+    [
+        ({"PMI_FD": "9", "PMI_RANK": "0", "PMI_SIZE": "2"}, WHEEL),  # hydra, srun --mpi=pmi2
+        ({}, WHEEL),  # a singleton
+        ({"PMIX_NAMESPACE": "slurm.pmix.7.0", "PMIX_RANK": "0"}, MPICH_PMIX),
+        ({"PMIX_NAMESPACE": "1972436993", "PMIX_RANK": "0"}, OPENMPI),  # Open MPI's mpirun
+    ],
+)
+def test_launchers_the_mpi_speaks_pass(env, library):
+    assert launch.pmi_mismatch(env, library) is None
+
+
+def test_the_gpu_follows_the_launchers_local_rank():
+    assert launch.local_rank({}) is None
+    assert launch.local_rank({"SLURM_LOCALID": "3", "MPI_LOCALRANKID": "1"}) == 3  # srun first
+    assert launch.local_rank({"MPI_LOCALRANKID": "1"}) == 1  # hydra
+    assert launch.local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}) == 2  # Open MPI
+    assert launch.local_rank({"SLURM_LOCALID": ""}) is None
+    assert launch.announced_rank({"SLURM_PROCID": "5"}) == 5
+    assert launch.announced_rank({"PMIX_RANK": "0"}) == 0
+
+
+SRUN_LIST = """MPI plugin types are...
+	pmix
+	none
+	cray_shasta
+	pmi2
+specific pmix plugin versions available: pmix_v4
+"""
+
+
+def test_the_launcher_chosen_is_one_the_installed_mpi_speaks():
+    plugins = launch.parse_mpi_list(SRUN_LIST)
+    assert plugins == ["pmix", "none", "cray_shasta", "pmi2", "pmix_v4"]
+    old = launch.parse_mpi_list("srun: MPI types are...\nsrun: none\nsrun: pmi2\n")
+    assert old == ["none", "pmi2"]
+    # The PyPI wheel: PMI-2 even where srun has pmix (the wheel has no PMIx).
+    assert launch.choose_launcher(WHEEL, plugins)[0] == "srun --kill-on-bad-exit=1 --mpi=pmi2"
+    assert launch.choose_launcher(MPICH_PMIX, plugins)[0].endswith("--mpi=pmix")
+    assert launch.choose_launcher(OPENMPI, plugins)[0].endswith("--mpi=pmix")
+    # Slurm without pmix: Open MPI's own mpirun, which reads the allocation.
+    assert launch.choose_launcher(OPENMPI, ["none", "pmi2"])[0] == "mpirun"
+    assert launch.choose_launcher(WHEEL, ["none"])[0] == "mpiexec"  # hydra starts through srun
+    assert launch.choose_launcher(WHEEL, None)[0] == "mpiexec"  # no Slurm at all
+    command, why = launch.choose_launcher(WHEEL, plugins)
+    assert "MPICH Version: 5.0.2" in why and "pmi2" in why
 
 
 # -------------------------------------------------------------- real ranks
@@ -118,6 +214,42 @@ def _reference_file(path, world_size: int, cfg: dict) -> None:
         steps["step"] = np.arange(1, 11)
         steps["consensus_estimate"] = np.full(10, 1e-3)
         steps["consensus_estimate_max"] = np.full(10, 1e-3)  # the largest of every step
+
+
+def _silent_run(tmp_path, env: dict) -> "subprocess.CompletedProcess":
+    """``python -m mpi4py -m dsgd_mpi.run`` without a launcher (a singleton), in ``env``."""
+    cfg = {**TINY, "run": {**TINY["run"], "out_dir": str(tmp_path / "runs")}}
+    return subprocess.run(
+        [sys.executable, "-m", "mpi4py", "-m", "dsgd_mpi.run", _write(tmp_path, cfg)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_pmix_launch_of_the_wheel_exits_2_naming_pmix_and_the_launcher(tmp_path):
+    """What srun --mpi=pmix does to the PyPI MPICH: refused before MPI_Init, in words.
+    Without the check MPI_Init aborts (exit 16, "unsupported PMI version PMIx")."""
+    if "MPICH" not in comm.library_version():
+        pytest.skip(f"the PMIx check is for MPICH without PMIx; loaded: {comm.library_version()}")
+    done = _silent_run(tmp_path, {"PMIX_NAMESPACE": "x"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "launch error" in done.stderr and "PMIx (PMIX_NAMESPACE=x)" in done.stderr
+    assert "srun --mpi=pmi2" in done.stderr and "Internal MPI error" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.mpi
+def test_two_kinds_of_pmi_at_once_exit_2_on_every_rank_not_in_mpi_init(tmp_path):
+    """Hydra's PMI-1 variables plus a PMIx one: MPICH would abort in MPI_Init."""
+    if "MPICH" not in comm.library_version():
+        pytest.skip(f"MPICH's rule; loaded: {comm.library_version()}")
+    cfg = {**TINY, "run": {**TINY["run"], "out_dir": str(tmp_path / "runs")}}
+    done = run_ranks(2, ["-m", "dsgd_mpi.run", _write(tmp_path, cfg)], timeout=120,
+                     env={"PMIX_NAMESPACE": "x"})  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("launch error") == 1  # said once, by the task announced as 0
+    assert "both PMI-1/2" in done.stderr and "Auto-detection" not in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.mpi

@@ -27,6 +27,7 @@ CFG = {
     "metrics": {"log_every": 1, "exact_every": 0, "eval_every": 2, "flush_every": 1},
     "checkpoint": {"every": 2},
 }
+TOTAL = 800  # steps of the run: 100 epochs of 8
 #: Kills per loop: 8 in the suite (each launch pays the ranks' start-up, ~8 s here);
 #: `make killtest` runs the 50 the README quotes.
 KILLS = int(os.environ.get("DSGD_KILLS", "8"))
@@ -56,6 +57,18 @@ def _steps_in(h5: str) -> int:
     return int(steps[-1]) if len(steps) else 0
 
 
+def _check_seen(rows: dict[str, np.ndarray], seen: dict[int, tuple]) -> None:
+    """Every row an earlier open saw is still there with the same values; remember these."""
+    steps = rows["step"]
+    lost = [s for s in seen if s > len(steps)]
+    assert not lost, f"rows seen before are gone: steps {lost[:5]}"
+    for i, step in enumerate(steps):
+        values = tuple(float(rows[k][i]) for k in DETERMINISTIC)
+        if step in seen:
+            np.testing.assert_array_equal(values, seen[step], err_msg=f"step {step}")
+        seen[int(step)] = values
+
+
 def _digest(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -67,7 +80,7 @@ def test_kills_at_random_moments_lose_no_flushed_row(tmp_path, capsys):
     h5 = str(tmp_path / "runs" / "k.h5")
     rng = random.Random(0)
     seen: dict[int, tuple] = {}  # step -> deterministic values, from every successful open
-    checked = resumed = refused = 0
+    checked = resumed = refused = finished = 0
     extra: list[str] = []
     started = time.monotonic()
     for _ in range(KILLS):
@@ -93,9 +106,21 @@ def test_kills_at_random_moments_lose_no_flushed_row(tmp_path, capsys):
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
         if proc.poll() is not None:
+            out = finish(proc, 10)
+            if out.returncode == 0:
+                # A relaunch that resumed near the end finished before its kill: a valid
+                # outcome. The finished file must hold every step once, every row seen
+                # before unchanged; then start over, keeping it aside.
+                rows = _rows(h5)
+                np.testing.assert_array_equal(rows["step"], np.arange(1, TOTAL + 1))
+                with h5py.File(h5, "r", locking=False) as f:
+                    assert "finished" in f.attrs
+                _check_seen(rows, seen)
+                finished += 1
+                extra, seen = ["run.overwrite=true"], {}
+                continue
             # Killed before its first checkpoint, the run cannot be resumed: the relaunch
             # is refused and must leave the file as it was. Start over, keeping it aside.
-            out = finish(proc, 10)
             assert out.returncode == 2 and "no checkpoint of it to resume" in out.stderr, out
             assert _digest(h5) == before
             refused += 1
@@ -108,19 +133,13 @@ def test_kills_at_random_moments_lose_no_flushed_row(tmp_path, capsys):
             continue
         rows = _rows(h5)  # must open
         checked += 1
-        steps = rows["step"]
-        np.testing.assert_array_equal(steps, np.arange(1, len(steps) + 1))
-        lost = [s for s in seen if s > len(steps)]
-        assert not lost, f"rows seen before are gone: steps {lost[:5]}"
-        for i, step in enumerate(steps):
-            values = tuple(float(rows[k][i]) for k in DETERMINISTIC)
-            if step in seen:
-                np.testing.assert_array_equal(values, seen[step], err_msg=f"step {step}")
-            seen[int(step)] = values
+        np.testing.assert_array_equal(rows["step"], np.arange(1, len(rows["step"]) + 1))
+        _check_seen(rows, seen)
     took = time.monotonic() - started
     with capsys.disabled():  # the figures the README quotes, in every `make test` output
         print(f"\nkill loop: {KILLS} kills, {checked} files checked, rows lost: 0, "
-              f"{resumed} resumed, {refused} refused, {len(seen)} steps, {took:.0f} s")
+              f"{resumed} resumed, {refused} refused, {finished} finished, {len(seen)} steps, "
+              f"{took:.0f} s")
     # The kills did hit the flushes, and relaunches did resume the run they had killed.
     assert checked >= KILLS // 2 and resumed >= 2
     # Temp files of killed flushes are swept at the next start: only the last kill's remains.
@@ -166,3 +185,21 @@ def test_an_unfinished_run_without_checkpoint_is_refused_untouched(tmp_path):
     again = run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=SLOW)
     assert again.returncode == 2 and "an unfinished run" in again.stderr
     assert _digest(h5) == before
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(2 * SLOW + 60)
+def test_overwrite_starts_over_even_with_a_checkpoint_and_keeps_both_aside(tmp_path):
+    cfg = _config(tmp_path, run={"epochs": 1}, checkpoint={"every": 2})
+    h5 = str(tmp_path / "runs" / "k.h5")
+    ckpt = tmp_path / "runs" / "k" / "ckpt"
+    run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=SLOW).check_returncode()
+    before, old_steps = _digest(h5), sorted(os.listdir(ckpt))
+    over = run_ranks(2, ["-m", "dsgd_mpi.run", cfg, "run.overwrite=true"], timeout=SLOW)
+    assert over.returncode == 0, over.stderr
+    assert "resumed from" not in over.stdout  # started over, from step 1
+    assert f"kept the old {ckpt} as {ckpt}.1" in over.stdout
+    assert _digest(h5 + ".1") == before
+    assert sorted(os.listdir(f"{ckpt}.1")) == old_steps  # the old checkpoints, untouched
+    np.testing.assert_array_equal(_rows(h5)["step"], np.arange(1, 9))
+    assert sorted(os.listdir(ckpt)) == old_steps  # the new run wrote its own

@@ -92,3 +92,19 @@ def test_missing_data_files_end_the_job_naming_rank_and_file(tmp_path):
     assert done.returncode != 0
     assert "[rank " in done.stderr and "train-images-idx3-ubyte" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.mpi
+def test_pretrained_weights_without_network_are_refused_on_every_rank(tmp_path):
+    """model.pretrained fetches the weights once before training; where the download cannot
+    happen (here: an empty weight cache and a proxy that refuses every connection), every
+    rank exits 2 with one message naming the key, before any data or model is built."""
+    cfg = _config(tmp_path, model={"name": "resnet18", "pretrained": True},
+                  data={"name": "synthetic", "synthetic_size": 64, "batch_size": 8})  # fmt: skip
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}  # fmt: skip
+    done = run_ranks(2, ["-m", "dsgd_mpi.run", cfg], timeout=120, env=offline)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("config error: model.pretrained: cannot download") == 1
+    assert "model.pretrained=false" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,4 +1,4 @@
-"""python -m dsgd_mpi.bench gossip|step|sim [options] --json"""
+"""python -m dsgd_mpi.bench gossip|step|sim|flush [options] --json"""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--blocks", type=int, default=5)
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    fl = sub.add_parser("flush", help="metrics flush time at a short and a long run file")
+    fl.add_argument("--sizes", default="1000,100000", help="step rows of the two files")
+    fl.add_argument("--flushes", type=int, default=40, help="flushes of each file")
+    fl.add_argument("--rows", type=int, default=1, help="step rows per flush")
+    fl.add_argument("--dir", default=None, help="where the files go (default: $TMPDIR)")
+    fl.add_argument("--json", action="store_true", help="print one JSON object")
     sm = sub.add_parser("sim", help="the simulation vs the MPI run of one config, whole runs")
     sm.add_argument("config", help="YAML config")
     sm.add_argument("overrides", nargs="*", help="dotted key=value overrides for both")
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from dsgd_mpi.bench.sim import run_sim
 
         return run_sim(args)
+    if args.what == "flush":
+        from dsgd_mpi.bench.flush import run_flush
+
+        return run_flush(args)
     from dsgd_mpi.bench import mpi
 
     return mpi.run_gossip(args) if args.what == "gossip" else mpi.run_step(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -20,9 +21,12 @@ import tempfile
 import time
 
 
-def _mpiexec() -> str:
+def _mpiexec() -> list[str]:
+    """$MPIEXEC with its options (split as a shell would), else the mpiexec beside Python."""
+    if os.environ.get("MPIEXEC", "").strip():
+        return shlex.split(os.environ["MPIEXEC"])
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return os.environ.get("MPIEXEC") or (beside if os.path.exists(beside) else "mpiexec")
+    return [beside if os.path.exists(beside) else "mpiexec"]
 
 
 def _timed(cmd: list[str], env: dict) -> float:
@@ -49,7 +53,7 @@ def run_sim(args) -> int:
                 "run.overwrite=true"]  # fmt: skip
 
     def mpi(n: int, k: int) -> list[str]:
-        return [_mpiexec(), "-n", str(n), py, "-m", "mpi4py", "-m", "dsgd_mpi.run", args.config,
+        return [*_mpiexec(), "-n", str(n), py, "-m", "mpi4py", "-m", "dsgd_mpi.run", args.config,
                 *args.overrides, f"run.out_dir={out}", f"run.name=mpi_{n}_{k}",
                 "run.overwrite=true"]  # fmt: skip
 

@@ -3,7 +3,10 @@
 Usage: python -m mpi4py tests/mpi/port_staging.py
 
 The staged port copies CPU tensors through its host buffers exactly as it
-would copy device tensors, so the staging code runs in CI without a GPU.
+would copy device tensors, so the staging code runs in CI without a GPU. A
+staged port with a small chunk reduces whole vectors piece by piece (as the
+C-SGD average does on a GPU): same results, to the rounding of MPI's choice
+of algorithm per message size.
 """
 
 import numpy as np
@@ -40,5 +43,17 @@ for staged in (False, True):
     assert torch.equal(small, torch.full((5,), float(n)))
 for a, b in zip(results[False], results[True], strict=True):
     assert a.dtype == b.dtype and torch.equal(a, b), "staged and direct results differ"
+# Chunks of 100 (1037 = 10 x 100 + 37, and the float64 vector of 33 in one chunk).
+chunked = TensorPort("cpu", staged=True, chunk=100)
+s = chunked.allreduce_(comm, x.clone())
+np.testing.assert_allclose(s.numpy(), results[False][0].numpy(), rtol=1e-6, atol=1e-6)
+m = chunked.allreduce_(comm, x.clone(), op="max")
+assert torch.equal(m, results[False][1])
+ident = chunked.allreduce_(comm, x.clone(), identical=True)
+shared = np.stack(comm.allgather(ident.numpy()))
+assert (shared == shared[0]).all(), "identical=True: every rank must hold the same bytes"
+np.testing.assert_allclose(ident.numpy(), everyone.sum(0), rtol=1e-5, atol=1e-5)
+d64 = chunked.allreduce_(comm, x64.clone())
+assert torch.equal(d64, results[False][5])
 if rank == 0:
     print("port ok", n)
