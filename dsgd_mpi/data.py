@@ -9,6 +9,7 @@ Randomness is a pure function of seeds (streams in :mod:`dsgd_mpi.seeds`), so
 every rank can compute every other rank's shard without communication and a
 resumed run sees identical batches:
 
+- subset of the train set (data.train_size): (seed)            - same on all ranks, any world size
 - iid permutation of the train set:   (seed, epoch)             - same on all ranks
 - dirichlet partition:                (seed)                    - same on all ranks
 - order of pass p over a dirichlet shard: (seed, rank, p)
@@ -29,6 +30,7 @@ import torch
 
 from dsgd_mpi import datafiles
 from dsgd_mpi.datafiles import DataError, fetch_once, read_idx
+from dsgd_mpi.seeds import Stream, generator
 
 __all__ = [
     "DATASETS",
@@ -39,6 +41,7 @@ __all__ = [
     "fetch_once",
     "load",
     "read_idx",
+    "subset",
 ]
 
 PAD = 4  # random-crop zero padding, in pixels
@@ -119,6 +122,7 @@ def load(
     synthetic_size: int = 2048,
     seed: int = 0,
     coordinate: Coordinator | None = None,
+    train_size: int | None = None,
 ) -> tuple[Split, DatasetInfo]:
     """Load the train or test split of dataset ``name`` from ``root`` into memory.
 
@@ -130,6 +134,9 @@ def load(
     ``download`` callbacks and decides who downloads while the others wait;
     afterwards every rank only reads. It is a collective: whether it is called
     depends only on (name, download), so all ranks agree.
+
+    ``train_size`` (train split only; None: all of it) keeps a seeded subset of
+    that many samples (:func:`subset`).
     """
     key = name.lower().replace("-", "_")
     if key not in INFOS:
@@ -154,7 +161,26 @@ def load(
             f"{key}: labels outside 0..{info.num_classes - 1} "
             f"(min {int(split.labels.min())}, max {int(split.labels.max())})"
         )
+    if train and train_size is not None:
+        split = subset(split, train_size, seed)
     return split, info
+
+
+def subset(split: Split, size: int, seed: int) -> Split:
+    """``size`` samples of ``split`` drawn without replacement from ``seed`` alone.
+
+    The same samples for every world size (the shards are cut from the subset
+    afterwards), in the split's order; a larger ``size`` keeps the samples of a
+    smaller one (the first ``size`` of one seeded permutation).
+    """
+    if not 1 <= size <= len(split):
+        raise DataError(
+            f"data.train_size: must be 1..{len(split)}, the training samples of this data set "
+            f"(got {size})"
+        )
+    perm = torch.randperm(len(split), generator=generator(Stream.SUBSET, seed))
+    keep = perm[:size].sort().values
+    return Split(split.images.index_select(0, keep), split.labels.index_select(0, keep))
 
 
 # ----------------------------------------------------------------------------- batch ops

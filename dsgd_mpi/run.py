@@ -202,7 +202,7 @@ def build(
                              barrier=comm.Barrier)  # fmt: skip
     train, test = (
         load(d.name, d.root, train=split, download=d.download, synthetic_size=d.synthetic_size,
-             seed=cfg.run.seed, coordinate=once)  # fmt: skip
+             seed=cfg.run.seed, coordinate=once, train_size=d.train_size)  # fmt: skip
         for split in (True, False)
     )
     replicas = assemble.make_replicas(cfg, [rank], n, train, device)

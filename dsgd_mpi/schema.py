@@ -116,6 +116,8 @@ class DataConfig:
     """Resize train and test images to resize x resize (bilinear, on the device); null: as is."""
     synthetic_size: PosInt = 2048
     """Number of training samples of the synthetic data set."""
+    train_size: PosInt | None = None
+    """Train on a seeded subset of this many samples, the same at every world size; null: all."""
 
 
 @_section

@@ -29,6 +29,7 @@ class Stream(IntEnum):
     PERTURB = 7  # isotropic smoothing noise (perturb gaussian): (seed, rank, step)
     SHARPNESS = 8  # sharpness subset and random vectors: (seed, evaluation step)
     AVERAGE_DIRECTION = 9  # avg-SAM's coefficients z_ij of the D-SGD deviations: (seed, step)
+    SUBSET = 10  # the training subset of data.train_size: (seed)
 
 
 def derive_seed(*parts: int) -> int:

@@ -126,6 +126,8 @@ BAD = [
     ("bad target", "consensus: {phases: [{target: some}]}\n", (), "consensus.phases.0.target"),
     ("unknown phase key", "consensus: {phases: [{foo: 1}]}\n", (), "consensus.phases.0.foo"),
     ("negative exact_every", "metrics: {exact_every: -1}\n", (), "metrics.exact_every"),
+    ("train_size 0", "data: {train_size: 0}\n", (), "data.train_size"),
+    ("override train_size not a number", "", ("data.train_size=many",), "data.train_size"),
     ("override unknown key", "", ("optim.lrr=0.2",), "optim.lrr"),
     ("override unknown section", "", ("optimizer.lr=0.2",), "optimizer"),
     ("override without '='", "", ("optim.lr",), "optim.lr"),

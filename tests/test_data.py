@@ -228,6 +228,62 @@ def test_unknown_dataset() -> None:
         load("mnist2", "", train=True)
 
 
+# ----------------------------------------------------------------------------- train_size
+
+
+def _rows(images: torch.Tensor) -> set[bytes]:
+    """Each image as bytes: samples compared by content, whatever their index."""
+    return {bytes(x) for x in images.flatten(1).numpy()}
+
+
+def test_train_size_is_the_same_subset_at_4_and_16_workers(tmp_path: Path) -> None:
+    make_fmnist(tmp_path, n_train=400)
+    full, _ = load("fashion_mnist", str(tmp_path), train=True)
+    seen = {}
+    for n in (4, 16):  # as run.py and the simulator load it: the world size is not an argument
+        split, info = load("fashion_mnist", str(tmp_path), train=True, seed=7, train_size=256)
+        images = set()
+        for ld in loaders(split, info, n, batch_size=4, seed=7):
+            images |= _rows(split.images[ld.epoch_indices(0)])
+        seen[n] = images
+    assert len(seen[4]) == 256 and seen[4] == seen[16]  # every worker count trains on them all
+    assert seen[4] < _rows(full.images)  # drawn from the training set, not all of it
+    test, _ = load("fashion_mnist", str(tmp_path), train=False, seed=7, train_size=256)
+    assert len(test) == 12  # the test set is never cut
+
+
+def test_train_size_is_seeded_and_nested(tmp_path: Path) -> None:
+    make_fmnist(tmp_path, n_train=400)
+
+    def picked(size: int, seed: int) -> set[bytes]:
+        split, _ = load("fashion_mnist", str(tmp_path), train=True, seed=seed, train_size=size)
+        assert len(split) == size and split.labels.dtype == torch.int64
+        return _rows(split.images)
+
+    assert picked(100, 3) == picked(100, 3)
+    assert picked(100, 3) != picked(100, 4)  # the subset follows run.seed
+    full = _rows(load("fashion_mnist", str(tmp_path), train=True)[0].images)
+    assert picked(50, 3) < picked(200, 3) < full  # a larger subset keeps the smaller one
+
+
+def test_train_size_larger_than_the_training_set_names_the_key() -> None:
+    with pytest.raises(DataError, match=r"^data\.train_size: must be 1\.\.400.*\(got 401\)"):
+        load("synthetic", "", train=True, synthetic_size=400, train_size=401)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "5000"])
+def test_bad_train_size_exits_2_naming_the_key(tmp_path: Path, capsys, value: str) -> None:
+    from dsgd_mpi.sim.__main__ import main as sim_main
+
+    config = tmp_path / "empty.yaml"
+    config.write_text("")
+    code = sim_main([str(config), "--workers=4", "data.name=synthetic", "data.synthetic_size=512",
+                     f"data.train_size={value}", "run.steps=1", f"run.out_dir={tmp_path}"])
+    assert code == 2
+    assert "data.train_size" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.h5"))  # refused before any run file
+
+
 # ----------------------------------------------------------------------------- sharding
 
 

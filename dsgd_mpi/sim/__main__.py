@@ -84,7 +84,7 @@ def build(cfg, workers: int, mode: str = "fast", reference: dict | None = None,
     d = cfg.data
     train, test = (
         load(d.name, d.root, train=split, download=d.download, synthetic_size=d.synthetic_size,
-             seed=cfg.run.seed)  # fmt: skip
+             seed=cfg.run.seed, train_size=d.train_size)  # fmt: skip
         for split in (True, False)
     )
     replicas, group = _replicas(cfg, workers, mode, train, device)
