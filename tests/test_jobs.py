@@ -331,7 +331,8 @@ def test_array_sizes_printed_in_the_docs_come_from_the_sweep_files():
     --dependency=afterok on that array then never releases; a smaller one drops runs."""
     counts = {p.name: len(sweep_runs(p)) for p in SWEEPS}
     checked = 0
-    for doc in (REPO / "README.md", JOBS / "README.md", *TEMPLATES):
+    for doc in (REPO / "README.md", JOBS / "README.md", *sorted((REPO / "docs").glob("*.md")),
+                *TEMPLATES):  # fmt: skip
         for line in doc.read_text().splitlines():
             found = re.search(r"--array=1-(\d+)", line)
             if not found:
