@@ -71,10 +71,11 @@ data:
 	  exit 2; \
 	fi
 
-# The consensus-distance study, second edition (issue 16; studies/consensus/README.md): every
-# cell on the one-process simulator (`dsgd_mpi.study --sim N`, one process per world size),
-# claim 1's cells at 4 and 16 workers also on MPI ranks, then docs/RESULTS.md with a verdict
-# per claim. Finished runs with the same config are skipped: rm -rf $(STUDY) to start over.
+# The consensus-distance study, third edition (issue 26; studies/consensus/README.md): Kong's
+# and Zhu's cells on the one-process simulator (`dsgd_mpi.study --sim N`, one thread per plan),
+# one cell also on MPI ranks and in the simulator's reference mode, then docs/RESULTS.md with a
+# verdict per claim (claims 1, 5a, 5b carried forward from the second edition's runs).
+# Finished runs with the same config are skipped: rm -rf $(STUDY) to start over.
 # STUDY_QUICK=1: the same pipeline on a tiny synthetic grid (a few steps per run) in
 # runs/study-quick/ (configs, runs, and the report in runs/study-quick/docs), to check it.
 ifeq ($(STUDY_QUICK),1)
@@ -89,19 +90,16 @@ else
   STUDY_DOCS = docs
   STUDY_GEN  =
 endif
-# Simulator plans (one per world size and seed) run STUDY_JOBS at a time, one thread each:
-# on CPU two single-thread processes train ~2x faster than one process with two threads.
-# Largest plan first; a seed's claim-9 run follows its "_other" plan; the MPI plans are
-# the last job, one after the other, beside the last simulator plans (run_plans.sh).
+# The plans run STUDY_JOBS at a time, one thread each: on CPU two single-thread processes
+# train ~2x faster than one process with two threads. plans.txt orders them (the longest
+# first, the MPI plan last, beside the last simulator plan; run_plans.sh).
 STUDY_JOBS ?= $(shell nproc)
-PLANS = xargs -P $(STUDY_JOBS) -I{} studies/consensus/run_plans.sh $(PY) {} $(STUDY) \
-  $(FMNIST) $(STUDY_GEN)
+PLANS = xargs -P $(STUDY_JOBS) -I{} studies/consensus/run_plans.sh $(PY) {} $(FMNIST)
 study: $(STAMP) data
 	@mkdir -p $(STUDY) && date +%s > $(STUDY)/.started
 	@status=0; \
 	if [ -n "$(STUDY_GEN)" ]; then $(PY) -m studies.consensus.generate $(STUDY_GEN) || exit $$?; fi; \
-	{ ls -1S $(STUDY_CFG)/plan_sim_n*.txt; echo $(STUDY_CFG)/plan_mpi_n*.txt; } | $(PLANS) \
-	  || status=$$?; \
+	grep -v '^#' $(STUDY_CFG)/plans.txt | $(PLANS) || status=$$?; \
 	$(PY) -m dsgd_mpi.analyze $(STUDY)/*.h5 --out $(STUDY_DOCS)/study/analyze > /dev/null || status=$$?; \
 	took=$$(( $$(date +%s) - $$(cat $(STUDY)/.started) )); \
 	$(PY) -m studies.consensus.report $(STUDY)/*.h5 --out $(STUDY_DOCS) \

@@ -3,6 +3,7 @@
     mpirun -n 16 python -m mpi4py -m dsgd_mpi.study configs/study/fmnist/plan_mpi_n16.txt
     mpirun -n 4  python -m mpi4py -m dsgd_mpi.study PLAN.txt data.root=/data/fmnist --force
     python -m dsgd_mpi.study --sim 16 configs/study/fmnist/plan_sim_n16.txt
+    python -m dsgd_mpi.study --sim 16 --mode reference PLAN.txt   # the MPI ranks' arithmetic
 
 A plan has one run per line, ``CONFIG.yaml [key.path=value ...]`` (blank and
 ``#`` lines skipped), the format of jobs/sweeps/*.txt; overrides given after the
@@ -15,7 +16,7 @@ fails stops the plan with its exit status.
 Under MPI (torch and MPI start once per world size) each run is
 ``dsgd_mpi.run.run_config`` inside ``dsgd_mpi.run.guarded``: a failure on any
 rank aborts the whole job, as a single run would. With ``--sim N`` each run is
-``dsgd_mpi.sim``'s fast mode with N replicas in this process, and mpi4py is
+``dsgd_mpi.sim`` with N replicas in this process (``--mode``, fast by default), and mpi4py is
 never imported. Each run's own output goes to ``NAME.log`` beside its HDF5 file;
 here one line per run.
 """
@@ -39,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sim", type=int, metavar="N", default=None,
                         help="run every line with the simulator's N replicas in this process "
                              "(fast mode), without MPI")  # fmt: skip
+    parser.add_argument("--mode", choices=("fast", "reference"), default="fast",
+                        help="with --sim: the simulator's mode (reference: the MPI ranks' "
+                             "arithmetic, bit for bit)")  # fmt: skip
     args = parser.parse_intermixed_args(argv)
     if args.sim is not None:
-        return _simulated(args.plan, tuple(args.overrides), args.sim, args.force)
+        return _simulated(args.plan, tuple(args.overrides), args.sim, args.force, args.mode)
     return _on_mpi(args.plan, tuple(args.overrides), args.force)
 
 
-def _simulated(plan: str, overrides: tuple[str, ...], workers: int, force: bool) -> int:
+def _simulated(plan: str, overrides: tuple[str, ...], workers: int, force: bool,
+               mode: str = "fast") -> int:  # fmt: skip
     from dsgd_mpi.sim.__main__ import run_config
 
     if workers < 1:
@@ -59,7 +64,7 @@ def _simulated(plan: str, overrides: tuple[str, ...], workers: int, force: bool)
 
     def one(entry: Entry) -> int:
         try:
-            return run_config(entry.config, list(entry.overrides), workers, "fast")
+            return run_config(entry.config, list(entry.overrides), workers, mode)
         except Exception:  # noqa: BLE001 - one failed run stops the plan, with its traceback
             traceback.print_exc(file=sys.stdout)  # into the run's log (the plan prints its tail)
             return 1

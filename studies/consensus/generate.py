@@ -1,52 +1,47 @@
-"""Write the consensus-distance study's configs and plans from one place (issue 16).
+"""Write the consensus-distance study's configs and plans from one place (third edition).
 
     python -m studies.consensus.generate            # configs/study/{fmnist,cifar10}/, sweeps
     python -m studies.consensus.generate --quick D  # the smoke grid (a few steps) into D/
-    python -m studies.consensus.generate [--quick D] --avg-sam RUNS [--seed S]  # claim 9's plans
 
-One YAML per cell (an experiment without its seed) and one plan per backend and
-world size: ``plan_sim_nN_sS.txt`` per seed (``python -m dsgd_mpi.study --sim N``) and
-``plan_mpi_nN.txt`` (``mpiexec -n N python -m mpi4py -m dsgd_mpi.study``), a
-line per run, ``CONFIG run.seed=S run.name=CELL_sS [references]``, the
-uncontrolled reference runs before the controlled runs that read them. The
-claim-1 cells run on both backends from the same YAML; the MPI runs are named
-``CELL_mpi_sS``. Claim 9's C-SGD with Gaussian smoothing takes its
-perturbation's trace from the D-SGD run of the same seed, so its plan is written after
-that run finished (``--avg-sam``). Cells (``dec-phase-K``: the consensus
-controlled in phase K, exact averaging in the others; phases are the intervals
-between the lr decays; ``fF``: the exact distance held at F x the phase's
-largest distance in the uncontrolled ``dec-phase-K_none`` run of that seed):
+One YAML per cell (an experiment without its seed) and one plan per backend, world
+size and seed: ``plan_sim_nN_sS[_PART].txt`` (``python -m dsgd_mpi.study --sim N``),
+``plan_mpi_nN.txt`` (``mpiexec -n N python -m mpi4py -m dsgd_mpi.study``) and
+``plan_ref_nN.txt`` (``python -m dsgd_mpi.study --sim N --mode reference``), a line
+per run, ``CONFIG run.seed=S run.name=CELL_sS [references]``, the uncontrolled
+reference runs before the controlled runs that read them; ``plans.txt`` lists the
+plans in the order `make study` starts them (the most expensive first, the MPI
+plan last). Cells (``dec-phase-K``: the consensus controlled in phase K, exact
+averaging in the others; phases are the intervals between the lr decays; ``fF``:
+the exact distance Xi held at F x Xi_max, Kong's unit, Xi_max the largest distance
+of the same phase in the uncontrolled ``dec-phase-K_none`` run of that seed):
 
-  ring_nN, complete_nN          D-SGD on a ring vs all-reduce C-SGD (n = 4, 16, 32)   1
-  ring_nN_mpi, complete_nN_mpi  the same on MPI ranks (n = 4, 16)                     1
-  dec-phase-1_{none,f0.5,f0.25,f0.125}                                               2
-  dec-phase-2_{none,f0.5}, dec-phase-3_none                                           3
-  guideline_f0.25 (phase 1 at 1/4, later free), whole_f0.25 (every phase at 1/4)      4
-  target_{ring,onepeer}         rounds to meet one exact-distance rule, short runs    5
-  zhu_{sb,lb}_{ring,csgd}       16 x 16 vs 16 x 128, steps fixed, momentum-free      6-8
-  zhu_lb_avgsam                 C-SGD + isotropic smoothing at D-SGD's mean distance  9
-                                (what the second edition ran under the name avg-SAM;
-                                Zhu et al.'s average direction is optim.perturb avg_sam)
+  complete_n16, dec-phase-1_{none,f0.5,f0.25,f0.125}_n16                       claim 2
+  dec-phase-2_{none,f0.5}_n16 (and dec-phase-3_none_n16, whole_f0.25's ref.)   claim 3
+  guideline_f0.25_n16 (phase 1 at 1/4 Xi_max, later free), whole_f0.25_n16     claim 4
+  zhu_{sb,lb}_{csgd,ring}_n16, zhu_lb_exp_n16   Zhu's batches and lrs at fixed   claim 6
+                                                steps on a training subset
+  zhu_ip_{csgd,ring,avgsam,gauss}_n16           trained to interpolation     claims 7-9
+  zhu_sb_ring_n16 on MPI ranks (_mpi) and in the simulator's reference mode
+  (_ref), seed 0                                                              claim 1-mpi
+
+Claims 1, 5a and 5b carry the second edition's runs forward (claims.SECOND_EDITION).
+The regimes were chosen by the pilots in studies/consensus/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from dsgd_mpi import atomic
-
 ROOT = Path(__file__).resolve().parents[2]
-SEEDS = (0, 1, 2)
 NEVER = 1_000_000.0
 """Epochs: an interval longer than any run, so the evaluation or sharpness comes at the end only."""
 
-# Fashion-MNIST, small CNN, the whole grid on this 2-core machine (budget in README.md).
+# Fashion-MNIST on this 2-core machine: the grid, its seeds and its cost (README.md).
 FMNIST: dict = {
     "dataset": "fmnist",
     "base": "configs/quickstart.yaml",
@@ -54,32 +49,27 @@ FMNIST: dict = {
     "out": "runs/study/fmnist",
     "data": {"name": "fashion_mnist", "root": "/usr/share/datasets/fashion-mnist"},
     # Kong et al.'s recipe (Nesterov 0.9, wd 1e-4, lr linearly scaled, decays at 50 % and
-    # 75 %) at 4 per worker: 1.25 epochs = 1171 steps at n = 16, 5x the first edition's 234.
-    # A step's cost is its samples (~1000/s per core here): 4 per worker buys the steps.
-    # lr 0.05 per 128 samples as in the first edition (0.4 peak diverged on the ring there).
+    # 75 %) at 4 per worker, 1.25 epochs = 1171 steps at n = 16, as the second edition.
     "kong": {"epochs": 1.25, "batch": 4, "lr": 0.05, "base_batch": 128, "warmup_epochs": 0.125,
              "milestones": [0.5, 0.75]},  # fmt: skip
-    # n = 32 and three MPI seeds do not fit the hour here (a 16-rank run of 1171 steps
-    # takes ~4.5 min on 2 cores after ~2.5 min of start-up): the MPI cells run seed 0,
-    # beside the simulator's 3 seeds.
-    "sim_sizes": (4, 16),
-    "mpi_sizes": (4, 16),
-    "mpi_seeds": (0,),
     "big": 16,
-    "phase1_factors": (0.5, 0.25, 0.125),
+    "phase1_factors": (0.5, 0.25, 0.125),  # of Xi_max (Kong's unit); 1 x Xi_max is _none
     "phase2_factors": (0.5,),
-    "phase3_reference": True,  # dec-phase-3_none: whole_f0.25's phase-3 reference
-    "max_rounds": 60,  # per step; a 16-ring shrinks Xi^2 by ~10 % a round in its slowest mode
-    # Claim 5: the same exact-distance rule on both graphs, factor * lr^2 * EMA(|g|^2).
-    "target": {"epochs": 0.25, "factor": 1.0, "max_rounds": 60},
-    # Zhu et al.'s recipe: plain SGD, no weight decay, lr 0.1 per 64 samples per worker
-    # scaled linearly, warmup from 0.1x over 10 % of the steps, decays at 40 % and 80 %,
-    # gossip before the step; 16 x 4 vs 16 x 32 (Zhu's 8x ratio, 1024 vs 8192), 100 steps.
-    "zhu": {"steps": 100, "small": 4, "large": 32, "lr": 0.1, "base_batch": 1024,
-            "warmup_steps": 10, "sharpness_samples": 256},  # fmt: skip
+    "max_rounds": 60,  # per step; 1/8 Xi_max took 12.3 rounds a step in phase 1 (pilot)
+    # Zhu et al.'s recipe: plain SGD, no weight decay, lr 0.1 per 1024 samples scaled
+    # linearly (0.8 at 8192), warmup from 0.1x over 10 % of the steps, decays x0.1 at 40 %
+    # and 80 %, gossip before the step; the MLP on a seeded training subset (data.train_size).
+    # "penalty": Zhu's own total batches 16 x 64 and 16 x 512 on 8192 samples (claim 6);
+    # "interpolation": 16 x IP_BATCH on IP_SIZE samples, trained to interpolation (7-9).
+    "zhu": {"model": "mlp", "lr": 0.1, "base_batch": 1024, "warmup": 0.1,
+            "penalty": {"train_size": 8192, "small": 64, "large": 512, "steps": 200},
+            "interpolation": {"train_size": 1024, "batch": 64, "steps": 1500},
+            "sharpness_samples": 1024, "log_every": 10},  # fmt: skip
     "metrics": {"log_every": 1, "exact_every": 1, "flush_every": 200},
-    "seeds": SEEDS,
-    "mpi_suffix": "_mpi",
+    "kong_seeds": (0, 1, 2),
+    "zhu_seeds": (0, 1, 2, 3, 4),
+    "ip_seeds": (0, 1, 2),
+    "mpi": {"cell": "zhu_sb_ring", "seeds": (0,)},
 }
 
 # The smoke grid: every cell and plan of FMNIST on synthetic data, a few steps per run.
@@ -88,11 +78,14 @@ QUICK: dict = {
     "dataset": "quick",
     "data": {"name": "synthetic", "synthetic_size": 256},  # the test set too: cheap evaluations
     "kong": {**FMNIST["kong"], "epochs": 3, "batch": 4, "warmup_epochs": 0.5},
-    "target": {**FMNIST["target"], "epochs": 1},
-    "big": 4,  # claims 2-9 on 4 workers: the sharpness's HVPs cost per worker (~120 of them)
-    "zhu": {**FMNIST["zhu"], "steps": 8, "small": 4, "large": 16, "warmup_steps": 2,
-            "sharpness_samples": 64},
-    "seeds": (0, 1),
+    "big": 4,
+    "zhu": {**FMNIST["zhu"], "penalty": {"train_size": 128, "small": 4, "large": 32,
+                                         "steps": 10},
+            "interpolation": {"train_size": 128, "batch": 8, "steps": 10},
+            "sharpness_samples": 64, "log_every": 1},  # fmt: skip
+    "kong_seeds": (0, 1),
+    "zhu_seeds": (0, 1),
+    "ip_seeds": (0, 1),
 }
 
 # CIFAR-10 / ResNet-20 at the papers' scale (Kong's cells only), MPI, for a cluster:
@@ -105,18 +98,17 @@ CIFAR10: dict = {
     "data": {},
     "kong": {"epochs": 300, "batch": 32, "lr": 0.1, "base_batch": 64, "warmup_epochs": 5,
              "milestones": [0.5, 0.75]},  # fmt: skip
-    "sim_sizes": (),
-    "mpi_sizes": (16,),
     "big": 16,
     "phase1_factors": (0.5, 0.25, 0.125),
     "phase2_factors": (0.5,),
-    "phase3_reference": True,
     "max_rounds": 60,
-    "target": {"epochs": 10, "factor": 1.0, "max_rounds": 60},
     "zhu": None,
     "metrics": {"log_every": 10, "exact_every": 10, "flush_every": 500},
-    "seeds": SEEDS,
-    "mpi_suffix": "",
+    "kong_seeds": (0, 1, 2),
+    "backend": "mpi",
+    "mpi": None,
+    # No second edition to carry forward at this scale: claim 1's ring and claim 5b's cells.
+    "own": {"target": {"epochs": 10, "factor": 1.0, "max_rounds": 60}},
 }
 
 
@@ -125,18 +117,19 @@ class Cell:
     """One experiment of the grid; its runs are its seeds."""
 
     name: str
-    """Run names are NAME_sS (NAME_mpi_sS on MPI when the cell also runs on the simulator)."""
+    """Run names are NAME_sS (NAME_mpi_sS on MPI ranks, NAME_ref_sS in reference mode)."""
     n: int
     body: dict
     """The config on top of the grid's base YAML."""
+    seeds: tuple[int, ...]
     refs: dict[int, str] = field(default_factory=dict)
     """Phase index -> the cell whose run of the same seed is that phase's reference."""
     backends: tuple[str, ...] = ("sim",)
-    stage: int = 1
-    """2: the plan is written once stage 1 finished (claim 9 reads a D-SGD run's distance)."""
+    """sim (fast mode), mpi (MPI ranks), ref (the simulator's reference mode)."""
     part: str = ""
-    """A separate simulator plan per seed for cells that read no other cell's run, so that
-    the plans balance over the cores."""
+    """The simulator plans are per seed and part, so that they balance over the cores."""
+    cost: float = 0.0
+    """Estimated seconds of one run on one core (the pilots; README.md's budget)."""
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -170,94 +163,119 @@ def kong(s: dict, topology: str, phases: list[dict], **over) -> dict:
     return merge(body, over)
 
 
-def zhu(s: dict, batch: int, topology: str, sharpness: bool, **over) -> dict:
+def zhu(s: dict, regime: str, batch: int, topology: str, **over) -> dict:
+    """Zhu et al.'s recipe in one of the two regimes, evaluated at the end of the first lr
+    stage (40 % of the steps) and at the end."""
     z, m = s["zhu"], s["metrics"]
+    r = z[regime]
+    steps = r["steps"]
+    spe = r["train_size"] // s["big"] // batch  # steps per epoch of each worker's shard
+    first = round(0.4 * steps)
     body = {
-        "run": {"steps": z["steps"]},
-        "data": {**s["data"], "batch_size": batch, "augment": False},
+        "run": {"steps": steps},
+        "data": {**s["data"], "batch_size": batch, "augment": False,
+                 "train_size": r["train_size"]},
+        "model": {"name": z["model"]},
         "optim": {"name": "sgd", "lr": z["lr"], "base_batch": z["base_batch"], "scale_lr": True,
                   "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "warmup_epochs": 0,
-                  "warmup_steps": z["warmup_steps"], "warmup_from": 0.1,
+                  "warmup_steps": round(z["warmup"] * steps), "warmup_from": 0.1,
                   "milestones": [0.4, 0.8], "decay": 0.1},
         "topology": {"name": topology},
         "gossip": {"order": "gossip_first"},
         "consensus": {"measure": "exact", "phases": [{"target": "none"}]},
-        # Claim 8 reads the local models and their ensemble of the large-batch D-SGD runs only.
-        "metrics": {**m, "eval_every": NEVER, "sharpness_every": NEVER if sharpness else 0,
-                    "sharpness_samples": z["sharpness_samples"],
-                    "eval_local": sharpness and topology != "complete"},
+        # An evaluation every `first` steps: at the end of lr stage 1, at 80 % and at the end.
+        "metrics": {**m, "log_every": z["log_every"], "exact_every": z["log_every"],
+                    "eval_every": first / spe, "sharpness_every": 0, "eval_local": False,
+                    "sharpness_samples": z["sharpness_samples"]},
     }  # fmt: skip
     return merge(body, over)
 
 
 def held(factor: float, s: dict) -> dict:
-    """A phase whose Xi^2 is held at factor x its reference's largest one (the second
-    edition's factors of Xi^2_max: 0.25 is Kong's 1/2 Xi_max)."""
-    return {"target": "constant", "factor": factor, "factor_unit": "squared", "reference_run": "",
-            "max_rounds": s["max_rounds"]}  # fmt: skip
+    """A phase whose distance Xi is held at factor x its reference's largest (Kong's unit)."""
+    return {"target": "constant", "factor": factor, "factor_unit": "distance",
+            "reference_run": "", "max_rounds": s["max_rounds"]}  # fmt: skip
 
 
 def cells(s: dict) -> list[Cell]:
     """Every cell of a grid, references before the cells that read them."""
     out: list[Cell] = []
     free, exact = {"target": "none"}, {"target": "exact"}
-    for n in sorted({*s["sim_sizes"], *s["mpi_sizes"]}):
-        backends = tuple(b for b, sizes in (("sim", s["sim_sizes"]), ("mpi", s["mpi_sizes"]))
-                         if n in sizes)  # fmt: skip
-        for topo in ("ring", "complete"):
-            # Uncontrolled and read by no control: the exact distance every 10 steps is enough
-            # (on MPI ranks each measurement is a full-vector Allreduce, each row a reduction).
-            sparse = {"consensus": {"measure": "estimate"},
-                      "metrics": {"log_every": 10, "exact_every": 10}}  # fmt: skip
-            body = kong(s, topo, [free], **sparse)
-            out.append(Cell(f"{topo}_n{n}", n, body, backends=backends))
-    n = s["big"]
-    back = ("sim",) if s["sim_sizes"] else ("mpi",)
+    n, seeds = s["big"], s["kong_seeds"]
+    back = (s.get("backend", "sim"),)
+
+    def add(name: str, body: dict, refs: dict | None = None, cost: float = 50.0) -> None:
+        out.append(Cell(name, n, body, seeds, refs or {}, back, "kong", cost))
+
+    # Costs: seconds on one core beside another single-thread run (the pilots, README.md).
+    add(f"complete_n{n}", kong(s, "complete", [free]), cost=55)
     layouts = {1: [free, exact, exact], 2: [exact, free, exact], 3: [exact, exact, free]}
-    for k in (1, 2, 3) if s["phase3_reference"] else (1, 2):
-        out.append(Cell(f"dec-phase-{k}_none_n{n}", n, kong(s, "ring", layouts[k]),
-                        backends=back))  # fmt: skip
+    for k in (1, 2, 3):
+        add(f"dec-phase-{k}_none_n{n}", kong(s, "ring", layouts[k]), cost=55)
     for k, factors in ((1, s["phase1_factors"]), (2, s["phase2_factors"])):
         for f in factors:
             phases = [held(f, s) if p is free else p for p in layouts[k]]
-            out.append(Cell(f"dec-phase-{k}_f{f:g}_n{n}", n, kong(s, "ring", phases),
-                            {k - 1: f"dec-phase-{k}_none_n{n}"}, back))  # fmt: skip
+            add(f"dec-phase-{k}_f{f:g}_n{n}", kong(s, "ring", phases),
+                {k - 1: f"dec-phase-{k}_none_n{n}"}, cost=60 + 2 / f)  # fmt: skip
     g = 0.25
-    out.append(Cell(f"guideline_f{g:g}_n{n}", n, kong(s, "ring", [held(g, s), free, free]),
-                    {0: f"dec-phase-1_none_n{n}"}, back))  # fmt: skip
-    whole = 3 if s["phase3_reference"] else 2  # without dec-phase-3_none, phase 3 is free
-    phases = [held(g, s) for _ in range(whole)] + [free] * (3 - whole)
-    out.append(Cell(f"whole_f{g:g}_n{n}", n, kong(s, "ring", phases),
-                    {k: f"dec-phase-{k + 1}_none_n{n}" for k in range(whole)}, back))  # fmt: skip
-    t = s["target"]
-    for short, topo in (("ring", "ring"), ("onepeer", "one_peer_exponential")):
-        rule = {"target": "adaptive", "factor": t["factor"], "max_rounds": t["max_rounds"]}
-        out.append(Cell(f"target_{short}_n{n}", n,
-                        kong(s, topo, [rule], run={"epochs": t["epochs"]}), backends=back,
-                        part="other"))  # fmt: skip
-    if s["zhu"]:
-        z = s["zhu"]
-        for size, batch in (("sb", z["small"]), ("lb", z["large"])):
-            for short, topo in (("ring", "ring"), ("csgd", "complete")):
-                body = zhu(s, batch, topo, sharpness=size == "lb")
-                out.append(Cell(f"zhu_{size}_{short}_n{n}", n, body, part="other"))
-        body = zhu(s, z["large"], "complete", True,
-                   optim={"perturb": "gaussian", "perturb_xi2": 0.0})  # fmt: skip
-        out.append(Cell(f"zhu_lb_avgsam_n{n}", n, body, stage=2))
+    add(f"guideline_f{g:g}_n{n}", kong(s, "ring", [held(g, s), free, free]),
+        {0: f"dec-phase-1_none_n{n}"}, cost=70)  # fmt: skip
+    add(f"whole_f{g:g}_n{n}", kong(s, "ring", [held(g, s)] * 3),
+        {k: f"dec-phase-{k + 1}_none_n{n}" for k in range(3)}, cost=85)  # fmt: skip
+    if own := s.get("own"):
+        add(f"ring_n{n}", kong(s, "ring", [free]))
+        rule = {"target": "adaptive", "factor": own["target"]["factor"],
+                "max_rounds": own["target"]["max_rounds"]}  # fmt: skip
+        for short, topo in (("ring", "ring"), ("onepeer", "one_peer_exponential")):
+            add(f"target_{short}_n{n}",
+                kong(s, topo, [rule], run={"epochs": own["target"]["epochs"]}))  # fmt: skip
+    if not s["zhu"]:
+        return out
+    z = s["zhu"]
+    pen = z["penalty"]
+    for size, batch, cost in (("sb", pen["small"], 20), ("lb", pen["large"], 45)):
+        for short, topo in (("csgd", "complete"), ("ring", "ring"), ("exp", "exponential")):
+            if short == "exp" and size == "sb":
+                continue
+            name = f"zhu_{size}_{short}_n{n}"
+            backends = ("sim",)
+            if s["mpi"] and name == f"{s['mpi']['cell']}_n{n}":
+                backends = ("sim", "mpi", "ref")
+            out.append(Cell(name, n, zhu(s, "penalty", batch, topo), s["zhu_seeds"],
+                            backends=backends, part="zhu",
+                            cost=cost * {"csgd": 1.0, "ring": 1.3, "exp": 1.45}[short]))
+    ip = z["interpolation"]
+    for short, topo, extra, cost in (
+        ("csgd", "complete", {}, 95), ("ring", "ring", {"metrics": {"eval_local": True}}, 140),
+        ("avgsam", "complete", {"optim": {"perturb": "avg_sam", "perturb_topology": "ring"}},
+         235),
+        ("gauss", "complete", {"optim": {"perturb": "gaussian", "perturb_topology": "ring",
+                                         "perturb_xi2": None}}, 250),
+    ):  # fmt: skip
+        body = zhu(s, "interpolation", ip["batch"], topo, **extra)
+        body["metrics"]["sharpness_every"] = NEVER  # lambda_max and the trace at the end
+        out.append(Cell(f"zhu_ip_{short}_n{n}", n, body, s["ip_seeds"], part="ip", cost=cost))
     return out
 
 
 # ------------------------------------------------------------------- writing
 
+SUFFIX = {"sim": "", "mpi": "_mpi", "ref": "_ref"}
 
-def run_name(s: dict, cell: Cell, backend: str, seed: int) -> str:
-    suffix = s["mpi_suffix"] if backend == "mpi" else ""
+
+def seeds_of(s: dict, cell: Cell, backend: str) -> tuple[int, ...]:
+    return s["mpi"]["seeds"] if backend in ("mpi", "ref") and s["mpi"] else cell.seeds
+
+
+def run_name(cell: Cell, backend: str, seed: int) -> str:
+    """NAME_sS; NAME_mpi_sS and NAME_ref_sS for a cell that also runs on the simulator."""
+    suffix = SUFFIX[backend] if len(cell.backends) > 1 else ""
     return f"{cell.name}{suffix}_s{seed}"
 
 
 def plan_line(s: dict, cell: Cell, backend: str, seed: int) -> str:
     words = [f"{s['configs']}/{cell.name}.yaml", f"run.seed={seed}",
-             f"run.name={run_name(s, cell, backend, seed)}"]  # fmt: skip
+             f"run.name={run_name(cell, backend, seed)}"]  # fmt: skip
     words += [f"consensus.phases.{k}.reference_run={run_file(s, f'{ref}_s{seed}')}"
               for k, ref in sorted(cell.refs.items())]  # fmt: skip
     return " ".join(words)
@@ -268,59 +286,91 @@ def config_text(s: dict, cell: Cell, base: dict) -> str:
     full = copy.deepcopy(merge(full, cell.body))
     for k, ref in cell.refs.items():  # seed 0's reference; each plan line names its own
         full["consensus"]["phases"][k]["reference_run"] = run_file(s, f"{ref}_s0")
-    plans = ", ".join(f"plan_{b}_n{cell.n}.txt" for b in cell.backends)
-    how = "written by --avg-sam after its D-SGD runs" if cell.stage == 2 else f"in {plans}"
     header = (
         f"# {cell.name}: {s['dataset']} study, {cell.n} workers. Generated by\n"
         f"# studies/consensus/generate.py from {s['base']}; edit that script, not this file.\n"
-        f"# Runs with its seeds {how}.\n"
+        f"# Runs on {', '.join(cell.backends)} with seeds "
+        f"{', '.join(map(str, cell.seeds))} (plans beside it).\n"
     )
     return header + yaml.safe_dump(full, sort_keys=False)
 
 
 def plan_name(backend: str, n: int, seed: int | None = None, part: str = "") -> str:
-    """``plan_sim_nN_sS[_PART].txt``: the simulator's plans are per seed (a seed's
-    references are its own) and part, so that single-thread processes can share the
-    cores; ``plan_mpi_nN.txt``."""
+    """``plan_sim_nN_sS_PART.txt``: the simulator's plans are per seed (a seed's references
+    are its own) and part, so that single-thread processes can share the cores;
+    ``plan_mpi_nN.txt``, ``plan_ref_nN.txt``."""
     return (f"plan_{backend}_n{n}" + ("" if seed is None else f"_s{seed}")
             + (f"_{part}" if part else "") + ".txt")  # fmt: skip
 
 
+LAUNCH = {"sim": "python -m dsgd_mpi.study --sim {n}",
+          "ref": "python -m dsgd_mpi.study --sim {n} --mode reference",
+          "mpi": "mpiexec -n {n} python -m mpi4py -m dsgd_mpi.study"}  # fmt: skip
+
+
 def plan_text(s: dict, backend: str, n: int, lines: list[str], path: str) -> str:
-    launch = (f"python -m dsgd_mpi.study --sim {n}" if backend == "sim"
-              else f"mpiexec -n {n} python -m mpi4py -m dsgd_mpi.study")  # fmt: skip
     return (
         f"# {s['dataset']} study, {n} workers on {backend}: one run per line "
         f"(CONFIG [key.path=value ...]).\n"
         f"# Generated by studies/consensus/generate.py. References come first.\n"
-        f"#   {launch} {path}\n" + "\n".join(lines) + "\n"
+        f"#   {LAUNCH[backend].format(n=n)} {path}\n" + "\n".join(lines) + "\n"
     )
 
 
-def write(s: dict, root: Path = ROOT) -> dict[tuple[str, int], list[str]]:
-    """The cell configs and stage-1 plans of a grid; returns its plan lines by (backend, n)."""
+MPI_START = 45.0
+"""Seconds for 16 MPI ranks to start on 2 cores (pilot: 76 s for start-up and a 35 s run)."""
+
+
+def plans(s: dict) -> dict[str, tuple[str, int, list[str], float]]:
+    """Plan file name -> (backend, n, lines, estimated core-seconds)."""
+    out: dict[str, tuple[str, int, list[str], float]] = {}
+    for cell in cells(s):
+        for backend in cell.backends:
+            for seed in seeds_of(s, cell, backend):
+                name = (plan_name("sim", cell.n, seed, cell.part) if backend == "sim"
+                        else plan_name(backend, cell.n))  # fmt: skip
+                cost = cell.cost * (1.5 if backend == "ref" else 1.0)
+                if backend == "mpi":  # 16 ranks on 2 cores: both cores, ~2x a simulator run
+                    cost = 2 * (MPI_START + 1.5 * cell.cost)
+                _, _, lines, total = out.get(name, (backend, cell.n, [], 0.0))
+                out[name] = (backend, cell.n, [*lines, plan_line(s, cell, backend, seed)],
+                             total + cost)  # fmt: skip
+    return out
+
+
+def order(found: dict[str, tuple[str, int, list[str], float]]) -> list[str]:
+    """The order `make study` starts the plans: the longest first (greedy over the cores), the
+    MPI plans last (their ranks take both cores beside the last simulator plan)."""
+    return sorted(found, key=lambda k: (found[k][0] == "mpi", -found[k][3], k))
+
+
+def budget(s: dict, cores: int = 2) -> dict[str, float]:
+    """Estimated core-minutes per part and the wall-clock minutes on ``cores`` cores."""
+    parts: dict[str, float] = {}
+    for name, (backend, _, _, cost) in plans(s).items():
+        part = backend if backend != "sim" else name.rsplit("_", 1)[-1].removesuffix(".txt")
+        parts[part] = parts.get(part, 0.0) + cost / 60
+    parts["wall (ideal packing)"] = sum(parts.values()) / cores
+    return parts
+
+
+def write(s: dict, root: Path = ROOT) -> dict[str, tuple[str, int, list[str], float]]:
+    """The cell configs, the plans and plans.txt of a grid; returns the plans."""
     folder = root / s["configs"]
     folder.mkdir(parents=True, exist_ok=True)
-    for old in (*folder.glob("*.yaml"), *folder.glob("plan_*.txt")):
+    for old in (*folder.glob("*.yaml"), *folder.glob("plan_*.txt"), *folder.glob("plans.txt")):
         old.unlink()
     base = yaml.safe_load((ROOT / s["base"]).read_text())
-    plans: dict[tuple[str, int], list[str]] = {}
-    files: dict[str, tuple[str, int, list[str]]] = {}
     for cell in cells(s):
         (folder / f"{cell.name}.yaml").write_text(config_text(s, cell, base))
-        if cell.stage != 1:
-            continue
-        for backend in cell.backends:
-            for seed in s["seeds"] if backend == "sim" else s.get("mpi_seeds", s["seeds"]):
-                line = plan_line(s, cell, backend, seed)
-                plans.setdefault((backend, cell.n), []).append(line)
-                name = (plan_name("sim", cell.n, seed, cell.part) if backend == "sim"
-                        else plan_name("mpi", cell.n))  # fmt: skip
-                files.setdefault(name, (backend, cell.n, []))[2].append(line)
-    for name, (backend, n, lines) in files.items():
-        text = plan_text(s, backend, n, lines, f"{s['configs']}/{name}")
-        (folder / name).write_text(text)
-    return plans
+    found = plans(s)
+    for name, (backend, n, lines, _) in found.items():
+        (folder / name).write_text(plan_text(s, backend, n, lines, f"{s['configs']}/{name}"))
+    listed = "\n".join(f"{s['configs']}/{name}" for name in order(found))
+    (folder / "plans.txt").write_text(
+        "# The plans in the order `make study` starts them (generate.py; longest first, MPI "
+        "last).\n" + listed + "\n")  # fmt: skip
+    return found
 
 
 def sweeps(s: dict, lines: list[str], root: Path = ROOT) -> None:
@@ -333,7 +383,7 @@ def sweeps(s: dict, lines: list[str], root: Path = ROOT) -> None:
         ("study_cifar10_2.txt", then, "controlled runs: submit after study_cifar10_1 finished"),
     ):
         text = (
-            f"# CIFAR-10 / ResNet-20 consensus-distance study (issue 16), 16 ranks: {note}.\n"
+            f"# CIFAR-10 / ResNet-20 consensus-distance study (issue 26), 16 ranks: {note}.\n"
             f"# Generated by studies/consensus/generate.py. One run per line.\n"
             f"#   SWEEP=jobs/sweeps/{name} {sub.format(k=len(chunk))}\n"
         )
@@ -345,76 +395,27 @@ def sweeps(s: dict, lines: list[str], root: Path = ROOT) -> None:
         (root / "jobs" / "sweeps" / name).write_text(text + "\n".join(chunk) + "\n")
 
 
-# ------------------------------------------------------------- claim 9's plan
-
-
-def mean_distance(path: str) -> float:
-    """The D-SGD run's mean exact consensus distance Xi^2 over its logged steps."""
-    import h5py
-    import numpy as np
-
-    with h5py.File(path, "r", locking=False) as f:
-        if "finished" not in f.attrs:
-            raise ValueError(f"{path} is not a finished run")
-        exact = f["steps"]["consensus_exact"][()]
-    exact = exact[np.isfinite(exact)]
-    if not len(exact):
-        raise ValueError(f"{path} logged no exact distance")
-    return float(exact.mean())
-
-
-def avg_sam_plans(s: dict, runs: str, seeds: tuple[int, ...] | None = None) -> dict[str, str]:
-    """Claim 9's plans, one per seed (file name -> text; ``seeds``: these only, else the
-    grid's): C-SGD + avg-SAM at the mean distance of that seed's D-SGD run.
-
-    The perturbation's total variance is the whole-run mean of the exact
-    distance of ``zhu_lb_ring`` of the same seed (read from ``runs``), fixed
-    before the avg-SAM run starts: the rule was set before any result was seen.
-    """
-    n = s["big"]
-    cell = next(c for c in cells(s) if c.stage == 2)
-    plans = {}
-    for seed in s["seeds"] if seeds is None else seeds:
-        xi2 = mean_distance(f"{runs}/zhu_lb_ring_n{n}_s{seed}.h5")
-        line = f"{plan_line(s, cell, 'sim', seed)} optim.perturb_xi2={xi2:.6g}"
-        name = plan_name("avgsam", n, seed)
-        plans[name] = plan_text(s, "sim", n, [line], f"{runs}/{name}")
-    return plans
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.consensus.generate",
                                      description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("--quick", metavar="DIR", help="write the smoke grid into DIR/configs "
                         "(runs in DIR/runs) instead of configs/study")  # fmt: skip
-    parser.add_argument("--avg-sam", metavar="RUNS", help="write claim 9's plan to "
-                        "RUNS/plan_avgsam_nN_sS.txt from the finished D-SGD runs in RUNS")
-    parser.add_argument("--seed", type=int, action="append", help="with --avg-sam: this "
-                        "seed's plan only (repeatable); default every seed of the grid")
+    parser.add_argument("--budget", action="store_true", help="print the estimated cost of "
+                        "the Fashion-MNIST grid per part and stop")  # fmt: skip
     args = parser.parse_args(argv)
-    grid = FMNIST
+    if args.budget:
+        for part, minutes in budget(FMNIST).items():
+            print(f"{part:>22}: {minutes:6.1f} min")
+        return 0
     if args.quick:
         grid = {**QUICK, "configs": f"{args.quick}/configs", "out": f"{args.quick}/runs"}
-    if args.avg_sam:
-        try:
-            seeds = None if args.seed is None else tuple(args.seed)
-            plans = avg_sam_plans({**grid, "out": args.avg_sam}, args.avg_sam, seeds)
-        except (OSError, KeyError, ValueError) as exc:
-            print(f"generate error: {exc}", file=sys.stderr)
-            return 2
-        for name, text in plans.items():  # written while the study runs: atomically
-            atomic.write_text(str(Path(args.avg_sam) / name), text)
-            print(f"wrote {Path(args.avg_sam) / name}")
+        found = write(grid, Path.cwd())
+        print(f"wrote {grid['configs']}: {sum(len(p[2]) for p in found.values())} runs in "
+              f"{len(found)} plans")  # fmt: skip
         return 0
-    if args.quick:
-        plans = write(grid, Path.cwd())
-        print(f"wrote {grid['configs']}: {sum(map(len, plans.values()))} runs in "
-              f"{len(plans)} plans")  # fmt: skip
-        return 0
-    for s in (FMNIST, CIFAR10):
-        plans = write(s)
-        if s is CIFAR10:
-            sweeps(s, plans[("mpi", s["big"])])
+    write(FMNIST)
+    found = write(CIFAR10)
+    sweeps(CIFAR10, found[plan_name("mpi", CIFAR10["big"])][2])
     return 0
 
 
