@@ -56,8 +56,6 @@ def launcher_kind() -> str:
 #: hydra forwards SIGTERM and SIGUSR1 to the ranks; Open MPI's mpirun forwards SIGUSR1 but
 #: turns SIGTERM into ending the job (exit 1); srun forwards SIGUSR1, SIGTERM cancels the step.
 STOP_SIGNAL = {"hydra": signal.SIGTERM, "openmpi": signal.SIGUSR1}
-#: Every signal each launcher forwards to its ranks as a stop request.
-FORWARDED = {"hydra": (signal.SIGTERM, signal.SIGUSR1), "openmpi": (signal.SIGUSR1,)}
 
 
 #: Defaults a user's environment overrides: the tests oversubscribe 2 cores, where

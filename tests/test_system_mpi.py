@@ -28,14 +28,14 @@ import yaml
 
 from tests.mpi_util import ROOT
 
-#: The multi-rank tests that run again under Open MPI (about a minute here). The resume that
-#: ends bit-identical runs under MPICH's mpiexec and srun; under Open MPI, its stop signal.
+#: The multi-rank tests that run again under Open MPI (under a minute here). The resume that
+#: ends bit-identical runs under MPICH's mpiexec and srun; here, Open MPI's stop signal.
 SELECTION = [
-    "tests/test_gossip_mpi.py",
+    "tests/test_gossip_mpi.py",  # world sizes 1 to 4 (DSGD_TEST_RANKS below), staged ports
     "tests/test_launch.py::test_singleton_fallback_exits_2_naming_what_the_launcher_said",
     "tests/test_launch.py::test_an_error_on_one_rank_only_ends_the_job_with_2_not_a_hang",
     "tests/test_run_mpi.py::test_bad_config_exits_2_naming_the_key_before_training",
-    "tests/test_resume_mpi.py::test_every_signal_the_launcher_forwards_stops_the_run",
+    "tests/test_resume_mpi.py::test_sigusr1_to_the_launcher_stops_the_run_under_every_launcher",
 ]  # fmt: skip
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(600)]
@@ -92,7 +92,7 @@ def test_a_run_on_open_mpi_records_its_version_without_nul_bytes(openmpi, tmp_pa
 
 
 def test_the_suites_multi_rank_tests_pass_on_open_mpi(openmpi):
-    env = {**os.environ, **openmpi}
+    env = {**os.environ, **openmpi, "DSGD_TEST_RANKS": "4"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTION]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=580)
     tail = "\n".join(done.stdout.splitlines()[-30:])
