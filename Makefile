@@ -15,8 +15,10 @@ STAMP   = $(VENV)/.installed-$(MPI)
 ifeq ($(MPI),system)
   EXTRAS  = dev,analysis
   MPIEXEC ?= mpiexec
-  # Build from source so mpi4py links the cluster's libmpi, not a wheel's.
+  # Build from source so mpi4py links the cluster's libmpi, not a wheel's; never from pip's
+  # cache, which may hold a build against another MPI (another module loaded last time).
   PIPFLAGS = --no-binary=mpi4py
+  MPI4PY   = $(PY) -m pip install --quiet --no-cache-dir --no-binary=mpi4py 'mpi4py>=4.0'
 else
   EXTRAS  = dev,analysis,mpich
   MPIEXEC ?= $(VENV)/bin/mpiexec
@@ -39,6 +41,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(MPI4PY)
 	$(PY) -m pip install --quiet $(PIPFLAGS) -e '.[$(EXTRAS)]'
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if announced_rank(os.environ) in (None, 0):
             print(f"launch error: {problem}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    _bind_gpu(local_rank(os.environ))
+    bind_gpu(local_rank(os.environ))
     comm = mpi.init()
     code = guarded(comm, lambda: run_config(comm, args.config, args.overrides, stop))
     mpi.finalize()  # every rank returns the same code: let the launcher see it (not Abort)
@@ -192,7 +192,7 @@ def build(
     """This rank's replica and everything around it, wired into a trainer (collective)."""
     rank, n = comm.Get_rank(), comm.Get_size()
     log = _printer(rank == 0)
-    device, port = _device_and_port(comm, cfg, log)
+    device, port = device_and_port(comm, cfg, log)
     group = MpiGroup(comm, port)
     d = cfg.data
     # With data.download every rank calls load twice (collectives): rank 0 downloads,
@@ -252,12 +252,12 @@ def _printer(on: bool) -> Callable[[str], None]:
     return lambda message: print(message, flush=True)
 
 
-def _device_and_port(
+def device_and_port(
     comm: mpi.Comm, cfg: Config, log: Callable[[str], None]
 ) -> tuple[torch.device, mpi.TensorPort]:
     """This rank's device and torch threads, and how its tensors reach MPI (logged with why)."""
     mpi_local, local_size = mpi.node_local(comm)
-    announced = local_rank(os.environ)  # what _bind_gpu used before MPI_Init, if anything
+    announced = local_rank(os.environ)  # what bind_gpu used before MPI_Init, if anything
     local = mpi_local if announced is None else announced
     affinities = mpi.node_affinities(comm)  # collective: every rank calls it once
     threads, why = threads_for(os.environ, affinities)
@@ -288,7 +288,7 @@ def _device_and_port(
     return device, mpi.TensorPort(device, staged=not direct)
 
 
-def _bind_gpu(local: int | None) -> None:
+def bind_gpu(local: int | None) -> None:
     """Make GPU ``local % gpus`` this process's current device before MPI_Init (no-op on CPU
     or without a launcher's local rank); the context is created now, so that an MPI that
     sets up CUDA inside MPI_Init finds this device and not GPU 0."""

@@ -39,6 +39,25 @@ def mpiexec() -> list[str]:
     return [found]
 
 
+def launcher_kind() -> str:
+    """"hydra" (MPICH's mpiexec), "openmpi" (Open MPI's mpirun) or "other", by asking it."""
+    try:
+        out = subprocess.run([*mpiexec(), "--version"], capture_output=True, text=True,
+                             timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "other"
+    text = (out.stdout + out.stderr).lower()  # Open MPI 4: "mpirun (OpenRTE) 4.1.4"
+    if any(name in text for name in ("open mpi", "openrte", "open-mpi.org")):
+        return "openmpi"
+    return "hydra" if "hydra" in text else "other"
+
+
+#: The signal to the launcher that asks a run to stop (README "stop protocol"): MPICH's
+#: hydra forwards SIGTERM and SIGUSR1 to the ranks; Open MPI's mpirun forwards SIGUSR1 but
+#: turns SIGTERM into ending the job (exit 1); srun forwards SIGUSR1, SIGTERM cancels the step.
+STOP_SIGNAL = {"hydra": signal.SIGTERM, "openmpi": signal.SIGUSR1}
+
+
 #: Defaults a user's environment overrides: the tests oversubscribe 2 cores, where
 #: MPICH's spinning shared-memory collectives are several times slower (launch.py).
 RANK_ENV = {MPICH_COLLECTIVES_VAR: "none"}

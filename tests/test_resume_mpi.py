@@ -1,6 +1,6 @@
 """Checkpoint, resume and faults with real ranks and real signals.
 
-The promise under test: a run stopped by SIGTERM and relaunched with the same
+The promise under test: a run stopped by its launcher's stop signal and relaunched with the same
 command ends bit-identical to a run that was never interrupted, and its HDF5
 file has every step exactly once; a killed rank or a killed job never hangs and
 never loses flushed rows; a diverging run stops and keeps its last good checkpoint.
@@ -17,7 +17,15 @@ import torch
 import yaml
 
 from dsgd_mpi import checkpoint
-from tests.mpi_util import finish, kill_job, rank_pids, run_ranks, start_ranks
+from tests.mpi_util import (
+    STOP_SIGNAL,
+    finish,
+    kill_job,
+    launcher_kind,
+    rank_pids,
+    run_ranks,
+    start_ranks,
+)
 
 N = 4
 STEPS = 32  # 4 epochs of 8 steps
@@ -71,7 +79,13 @@ def _final_states(out_dir: str) -> list[dict]:
 
 
 @pytest.mark.mpi
-def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
+def test_stop_signal_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
+    """The launcher's stop signal (SIGTERM to MPICH's mpiexec, SIGUSR1 to Open MPI's mpirun:
+    tests/mpi_util.STOP_SIGNAL) reaches every rank; the run checkpoints and exits 3."""
+    kind = launcher_kind()
+    if kind not in STOP_SIGNAL:
+        pytest.skip(f"no stop signal known for this launcher ({kind})")
+    sig = STOP_SIGNAL[kind]
     whole = _config(tmp_path, "whole")
     run_ranks(N, ["-m", "dsgd_mpi.run", whole], timeout=240).check_returncode()
 
@@ -79,11 +93,12 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
     h5 = str(tmp_path / "cut" / "r.h5")
     proc = start_ranks(N, ["-m", "dsgd_mpi.run", cut])
     _wait_for_rows(h5, 7, proc)
-    proc.send_signal(signal.SIGTERM)  # to mpiexec, which forwards it to every rank
+    proc.send_signal(sig)  # to the launcher, which forwards it to every rank
     stopped = finish(proc, 120)
     assert stopped.returncode == 3, stopped.stderr
-    assert "stopped by SIGTERM at step" in stopped.stdout
-    stop_step = int(stopped.stdout.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    said = f"stopped by {sig.name} at step "
+    assert said in stopped.stdout
+    stop_step = int(stopped.stdout.split(said)[1].split(":")[0])
     assert 7 <= stop_step < STEPS, "the run must really have been cut short"
 
     resumed = run_ranks(N, ["-m", "dsgd_mpi.run", cut], timeout=240)
@@ -113,6 +128,22 @@ def test_sigterm_then_relaunch_ends_bit_identical_with_every_row_once(tmp_path):
     assert refused.returncode == 2
     assert "checkpoint.dir" in refused.stderr and "optim.lr differs" in refused.stderr
     np.testing.assert_array_equal(_rows(h5)["step"], got["step"])  # the file was not touched
+
+
+@pytest.mark.mpi
+def test_sigusr1_to_the_launcher_stops_the_run_under_every_launcher(tmp_path):
+    """SIGUSR1, the signal Slurm's --signal=B:USR1@N leads to, is forwarded to the ranks by
+    MPICH's mpiexec and Open MPI's mpirun alike (srun: tests/test_slurm.py)."""
+    kind = launcher_kind()
+    if kind not in STOP_SIGNAL:
+        pytest.skip(f"no stop protocol known for this launcher ({kind})")
+    cfg = _config(tmp_path, "usr1", run={"epochs": 200}, checkpoint={"every": 0})
+    proc = start_ranks(2, ["-m", "dsgd_mpi.run", cfg])
+    _wait_for_rows(str(tmp_path / "usr1" / "r.h5"), 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    stopped = finish(proc, 120)
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    assert "stopped by SIGUSR1 at step" in stopped.stdout
 
 
 @pytest.mark.mpi

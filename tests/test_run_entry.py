@@ -20,7 +20,7 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(run_mod.mpi, "library_version", lambda full=False: WHEEL)
     monkeypatch.setattr(run_mod.mpi, "init", lambda: calls.append("init") or "WORLD")
     monkeypatch.setattr(run_mod.mpi, "finalize", lambda: calls.append("finalize"))
-    monkeypatch.setattr(run_mod, "_bind_gpu", lambda local: calls.append(f"gpu {local}"))
+    monkeypatch.setattr(run_mod, "bind_gpu", lambda local: calls.append(f"gpu {local}"))
     yield calls
     for sig, handler in before.items():
         signal.signal(sig, handler)

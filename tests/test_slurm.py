@@ -30,8 +30,8 @@ JOBS = REPO / "jobs"
 #: The templates' resources, fitted to one node of this machine.
 FIT = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
        "--time=15"]  # fmt: skip
-#: The quick start, short: 200 steps of 2 x 32 on small Fashion-MNIST files, a row per step.
-QUICK = ["run.steps=200", "metrics.log_every=1", "metrics.flush_every=1", "metrics.eval_every=25",
+#: The quick start, short: 120 steps of 2 x 32 on small Fashion-MNIST files, a row per step.
+QUICK = ["run.steps=120", "metrics.log_every=1", "metrics.flush_every=1", "metrics.eval_every=25",
          "checkpoint.every=20"]  # fmt: skip
 TINY = {
     "run": {"epochs": 1, "seed": 4},
@@ -175,7 +175,7 @@ def test_requeue_checkpoints_on_usr1_requeues_and_resumes_bit_identical(jobs, sl
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "stopped by SIGUSR1 at step" in log and "step exited with status 3" in log
     stop = int(re.search(r"stopped by SIGUSR1 at step (\d+)", log)[1])
-    assert 3 <= stop < 200 and f"resumed from {jobs.root / 'runs' / 'rq' / 'ckpt'}" in log
+    assert 3 <= stop < 120 and f"resumed from {jobs.root / 'runs' / 'rq' / 'ckpt'}" in log
 
     jobs.wait("single")
     ref, got = _rows(jobs.root / "runs" / "qs.h5"), _rows(h5)
@@ -195,7 +195,7 @@ def test_single_node_trains_the_quickstart_and_slurm_records_exit_0(jobs):
     assert "launcher: srun --kill-on-bad-exit=1 --mpi=" in log  # chosen by the helper
     assert "dsgd_mpi: 2 ranks, ring, small_cnn" in log and "done: averaged model" in log
     rows = _rows(jobs.root / "runs" / "qs.h5")
-    np.testing.assert_array_equal(rows["step"], np.arange(1, 201))
+    np.testing.assert_array_equal(rows["step"], np.arange(1, 121))
     with h5py.File(jobs.root / "runs" / "qs.h5", "r", locking=False) as f:
         assert "finished" in f.attrs and f.attrs["world_size"] == 2
         assert len(f["eval"]["step"]) >= 2

@@ -14,7 +14,8 @@ of every path against the reference, the staged and direct paths against each
 other, each rank's ||x' - x||^2 over the first MEASURED elements (default: all),
 and for static topologies the design bound Xi^2 <= e2 / (1 - lambda_2)^2.
 PATHS (comma-separated, default all three) picks the paths; DEVICE=cuda runs the
-direct and staged paths on device buffers (tests/gpu).
+direct and staged paths on device buffers (tests/gpu), the staged port reducing
+whole vectors in pieces of CHUNK floats.
 """
 
 import sys
@@ -44,8 +45,11 @@ def paths(argv: list[str], rank: int) -> tuple[dict, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
+        # The staged port reduces whole vectors (topology complete) in chunks of this size:
+        # several of them, with copies overlapping the reductions on the GPU.
+        chunk = int(argv[2]) if len(argv) > 2 else 65536
         chosen = {
-            p: dict(port=TensorPort(device, staged=(p == "staged")))
+            p: dict(port=TensorPort(device, staged=(p == "staged"), chunk=chunk))
             for p in chosen if p != "host"
         }  # fmt: skip
     return chosen, device
