@@ -770,6 +770,23 @@ def claim9(c: Cells, n: int) -> Verdict:
     return Verdict("9", name, "inconclusive", text)
 
 
+def main_size(stats: pd.DataFrame) -> int:
+    """The world size of claims 2-9 (generate.py's "big"): that of the C-SGD cell."""
+    found = stats.loc[stats["cell"].astype(str).str.fullmatch(r"complete_n\d+"), "n"]
+    return int(found.iloc[0]) if len(found) else 16
+
+
+def rederive(folder: str | Path) -> list[Verdict]:
+    """The verdicts from what the report committed beside docs/RESULTS.md: every run's
+    numbers (``runs.csv``, the second edition's carried rows included) and the MPI
+    cross-check (``mpi_check.json``), so any clone can check them without the run files."""
+    import json
+
+    stats = pd.read_csv(Path(folder) / "runs.csv")
+    checks = json.loads((Path(folder) / "mpi_check.json").read_text())
+    return verdicts(Cells(stats), main_size(stats), checks)
+
+
 def verdicts(c: Cells, n: int, checks: list[dict] | None = None) -> list[Verdict]:
     """Every claim's verdict, in the report's order."""
     return [claim1(c), mpi_check(c, checks or []), claim2(c, n), claim3(c, n), claim4(c, n),

@@ -8,6 +8,7 @@ Writes ``OUT/RESULTS.md``, and its plots and ``runs.csv`` into ``OUT/study/``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from dsgd_mpi.analysis.load import Run
 from dsgd_mpi.analysis.plots import plot_consensus, plot_control, plot_reliability, plot_rounds
 from dsgd_mpi.analysis.tables import factor_text
-from studies.consensus import claims
+from studies.consensus import claims, papers
 from studies.consensus.claims import Cells, Verdict, cell_of
 
 TITLE = "# Consensus-distance study, third edition: results\n"
@@ -348,12 +349,6 @@ def previous_table(verdicts: Sequence[Verdict]) -> str:
                       for key, claim, then, why in PREVIOUS])  # fmt: skip
 
 
-def main_size(runs: Sequence[Run]) -> int:
-    """The world size of claims 2-9 (generate.py's "big"): that of the C-SGD cell."""
-    found = [r.world_size for r in runs if re.fullmatch(r"complete_n\d+", cell_of(r))]
-    return int(found[0]) if found else 16
-
-
 def results(runs: Sequence[Run], out: str, note: str = "",
             carried: str | None = str(claims.SECOND_EDITION)) -> str:  # fmt: skip
     """Write OUT/RESULTS.md (and OUT/study/*.png, runs.csv); returns the markdown."""
@@ -361,7 +356,7 @@ def results(runs: Sequence[Run], out: str, note: str = "",
     if carried:
         stats = pd.concat([stats, claims.carried(carried)], ignore_index=True)
     c = Cells(stats)
-    n = main_size(runs)
+    n = claims.main_size(stats)
     checks = claims.cross_check(list(runs))
     verdicts = claims.verdicts(c, n, checks)
     images = plots(runs, c, os.path.join(out, "study"), n)
@@ -390,6 +385,7 @@ def results(runs: Sequence[Run], out: str, note: str = "",
         md += [images.get(v.key, ""), f"**Verdict: {v.verdict}.** {v.reason}\n"]
         if v.key in LIMITS:
             md += [f"**What limits it.** {LIMITS[v.key]}\n"]
+    md += [papers.section(c, n)]
     md += ["\n## Previous edition\n",
            "The second study (`make study`, 2026-11-29: 64 runs) and what this edition changed "
            "in its method:\n", previous_table(verdicts)]  # fmt: skip
@@ -403,7 +399,10 @@ def results(runs: Sequence[Run], out: str, note: str = "",
     text = "\n".join(md) + "\n"
     with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
+    # What the verdicts were derived from, committed beside them: claims.rederive reads it back.
     stats.to_csv(os.path.join(out, "study", "runs.csv"), index=False)
+    with open(os.path.join(out, "study", "mpi_check.json"), "w", encoding="utf-8") as fh:
+        json.dump(checks, fh, indent=1)
     return text
 
 
