@@ -141,11 +141,22 @@ def _parse_yaml(text: str, where: str) -> Any:
         if node is None:
             return None
         _check_duplicates(node, "")
-        return loader.construct_document(node)
+        return _unshared(loader.construct_document(node))
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{where}: invalid YAML: {exc}") from None
     finally:
         loader.dispose()
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which every mapping and list is its own object. YAML aliases (``- *phase``)
+    load as one shared object, so an override of ``phases.0.x`` would change every phase
+    that repeats it; each occurrence must stay independent."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- validation

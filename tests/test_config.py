@@ -249,6 +249,18 @@ def test_override_into_phases(tmp_path: Path) -> None:
     assert [p.target for p in cfg.consensus.phases] == ["exact", "none"]
 
 
+def test_an_override_changes_one_phase_of_phases_written_with_a_yaml_alias(tmp_path: Path):
+    """``- *p`` repeats a phase; YAML loads the repeats as one shared object, so before this
+    was fixed an override of one phase's reference_run set all three (the study's
+    whole_f0.25 read phase 3's reference in every phase)."""
+    text = ("consensus:\n  phases:\n  - &p {target: constant, factor: 0.25, reference: 1.0}\n"
+            "  - *p\n  - *p\n")  # fmt: skip
+    cfg = load_config(write(tmp_path, text), [f"consensus.phases.{i}.reference={i + 2}"
+                                              for i in range(3)])  # fmt: skip
+    assert [p.reference for p in cfg.consensus.phases] == [2.0, 3.0, 4.0]
+    assert {p.factor for p in cfg.consensus.phases} == {0.25}
+
+
 def test_override_can_fix_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "optim: {lr: -1}\n")
     assert load_config(path, ["optim.lr=0.5"]).optim.lr == 0.5
