@@ -4,8 +4,11 @@ permissions a run file gets, and strings HDF5 refuses."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -158,3 +161,19 @@ def test_strings_with_nul_bytes_become_attributes(tmp_path):
     with h5py.File(tmp_path / "r.h5", "r", locking=False) as f:
         assert f.attrs["mpi"] == "Open MPI v4.1.4, package: Debian OpenMPI"
         assert f.attrs["world_size"] == 2
+
+
+def test_flush_benchmark_times_flushes_of_a_short_and_a_long_file():
+    """`python -m dsgd_mpi.bench flush --json` (the issue's figure: flush time at 1k and 100k
+    rows): here small, checked for what it timed, not for how fast (no thresholds in tests)."""
+    cmd = [sys.executable, "-m", "dsgd_mpi.bench", "flush", "--sizes", "50,3000", "--flushes",
+           "3", "--json"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["rows_in_file"] == {"50": 53, "3000": 3003}  # 3 flushes of one row each
+    assert out["file_mb"]["3000"] > out["file_mb"]["50"]
+    for kind in ("flush_ms", "copy_flush_ms"):
+        assert all(ms > 0 for ms in out[kind].values())
+    assert out["ratio"] > 0 and out["copy_ratio"] > 0
+    assert not os.path.exists(out["dir"])  # the files went with the benchmark

@@ -95,9 +95,15 @@ def run_flush(args: argparse.Namespace) -> int:
         medians = {kind: {n: statistics.median(v) for n, v in t.items()}
                    for kind, t in times.items()}  # fmt: skip
         small, large = min(sizes), max(sizes)
+        # What was timed: the published files hold every row appended (read back, not counted).
+        held = {}
+        for n in sizes:
+            with h5py.File(writers[n].path, "r", locking=False) as f:
+                held[n] = int(f["steps"]["step"].shape[0])
         result = {
             "benchmark": "flush", "sizes": sizes, "rows_per_flush": args.rows,
             "flushes": args.flushes,
+            "rows_in_file": held,
             "file_mb": {n: round(os.path.getsize(writers[n].path) / 2**20, 2) for n in sizes},
             "flush_ms": {n: round(1e3 * medians["flush"][n], 3) for n in sizes},
             "ratio": round(medians["flush"][large] / medians["flush"][small], 3),
