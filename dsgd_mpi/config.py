@@ -149,9 +149,8 @@ def _parse_yaml(text: str, where: str) -> Any:
 
 
 def _unshared(value: Any) -> Any:
-    """A copy in which every mapping and list is its own object. YAML aliases (``- *phase``)
-    load as one shared object, so an override of ``phases.0.x`` would change every phase
-    that repeats it; each occurrence must stay independent."""
+    """A copy with every mapping and list its own object: YAML aliases (``- *p``) load as one
+    shared object, and an override of ``phases.0.x`` must change that phase only."""
     if isinstance(value, dict):
         return {k: _unshared(v) for k, v in value.items()}
     if isinstance(value, list):
